@@ -1,0 +1,618 @@
+"""The system configuration (`sys.yaml`): schema, defaults and validation.
+
+`load_config` turns a path, a mapping or ``None`` (all defaults) into an
+immutable `Config`. Every key has a default; every rule raises
+`erllama_py.errors.ConfigError` naming the full key path and the reason, for
+example ``cache.tiers[1].quota_mb: must be a positive integer, got -5``.
+
+Validation is structural here (types, ranges, cross-field rules, unknown
+keys). Checks that touch the machine, such as creating a tier root, run when
+the supervisor that owns the section starts (`check_tier_roots`); both fail
+start-up, never warn at run time.
+
+Units are in the key names: ``*_mb`` mebibytes, ``*_s`` seconds, ``*_ms``
+milliseconds.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+
+from erllama_py.errors import ConfigError
+
+__all__ = [
+    "CacheSettings",
+    "Config",
+    "DaemonSettings",
+    "ModelSettings",
+    "PolicySettings",
+    "PressureSettings",
+    "RestartSettings",
+    "ServerSettings",
+    "TierKind",
+    "TierSettings",
+    "check_tier_roots",
+    "load_config",
+    "parse_config",
+]
+
+TierKind = Literal["ram", "ram_file", "disk"]
+TIER_KINDS: tuple[TierKind, ...] = ("ram", "ram_file", "disk")
+MB = 1024 * 1024
+
+# Defaults, one per line, with their unit.
+DEFAULT_INTENSITY = 5  # restarts ...
+DEFAULT_PERIOD_S = 30.0  # ... within this many seconds, then escalate
+DEFAULT_MODEL_INTENSITY = 3  # context worker restarts ...
+DEFAULT_MODEL_PERIOD_S = 60.0  # ... within this many seconds, then the model is failed
+DEFAULT_RAM_QUOTA_MB = 2048
+DEFAULT_RAM_FILE_QUOTA_MB = 2048
+DEFAULT_DISK_QUOTA_MB = 8192
+DEFAULT_WRITERS = 2  # concurrent saves
+DEFAULT_RESERVATION_TTL_S = 60.0
+DEFAULT_SWEEP_INTERVAL_S = 30.0
+DEFAULT_N_CTX = 4096  # tokens
+DEFAULT_N_BATCH = 512  # tokens per llama_decode
+DEFAULT_N_SEQ_MAX = 4  # concurrent sequences per context
+DEFAULT_PRESSURE_INTERVAL_MS = 5000
+DEFAULT_HIGH_WATERMARK = 0.85
+DEFAULT_LOW_WATERMARK = 0.75
+DEFAULT_MIN_EVICT_BYTES = 1024 * 1024
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 8080
+DEFAULT_MAX_QUEUE = 64  # waiting requests per model before 429
+DEFAULT_REQUEST_TIMEOUT_S = 600.0
+
+
+def _state_dir() -> Path:
+    base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local/state")
+    return Path(base) / "erllama-py"
+
+
+def _cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "erllama-py"
+
+
+# --------------------------------------------------------------------------- settings
+
+
+@dataclass(frozen=True)
+class RestartSettings:
+    """Restart intensity of a supervisor: more than `intensity` in `period_s` escalates."""
+
+    intensity: int = DEFAULT_INTENSITY
+    period_s: float = DEFAULT_PERIOD_S
+
+
+@dataclass(frozen=True)
+class TierSettings:
+    """One cache tier. ``root`` is None for the RAM tier and required otherwise."""
+
+    kind: TierKind
+    quota_bytes: int
+    root: Path | None = None
+
+    @property
+    def name(self) -> str:
+        """The tier's name in rows and counters: ``ram``, ``ram_file:<root>``, ``disk:<root>``."""
+        return self.kind if self.root is None else f"{self.kind}:{self.root}"
+
+
+@dataclass(frozen=True)
+class PolicySettings:
+    """Save-policy defaults (spec 4.11); models may override any of them."""
+
+    min_tokens: int = 512
+    cold_min_tokens: int = 512
+    cold_max_tokens: int = 30000
+    continued_interval: int = 2048
+    boundary_trim_tokens: int = 32
+    boundary_align_tokens: int = 2048
+    session_resume_wait_ms: int = 500
+
+
+@dataclass(frozen=True)
+class CacheSettings:
+    """The KV cache: its tiers (fastest first) and its writer pool."""
+
+    tiers: tuple[TierSettings, ...] = ()
+    writers: int = DEFAULT_WRITERS
+    reservation_ttl_s: float = DEFAULT_RESERVATION_TTL_S
+    sweep_interval_s: float = DEFAULT_SWEEP_INTERVAL_S
+    promote_on_hit: bool = True
+    demote_on_evict: bool = True
+    verify_on_scan: bool = False
+    restart: RestartSettings = field(default_factory=RestartSettings)
+
+    def tier(self, name: str) -> TierSettings | None:
+        """The tier called `name` (``ram``, ``disk``, ``disk:<root>``), or None."""
+        for tier in self.tiers:
+            if name in (tier.name, tier.kind):
+                return tier
+        return None
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    """A model to load at start (``models:`` in sys.yaml)."""
+
+    name: str
+    model: str | None = None
+    model_path: Path | None = None
+    backend: Literal["llama", "stub"] = "llama"
+    n_ctx: int = DEFAULT_N_CTX
+    n_batch: int = DEFAULT_N_BATCH
+    n_seq_max: int = DEFAULT_N_SEQ_MAX
+    n_threads: int | None = None
+    tier: str = "ram"
+    deterministic: bool = False
+    policy: Mapping[str, int] = field(default_factory=dict)
+    restart: RestartSettings = field(
+        default_factory=lambda: RestartSettings(DEFAULT_MODEL_INTENSITY, DEFAULT_MODEL_PERIOD_S)
+    )
+
+
+@dataclass(frozen=True)
+class PressureSettings:
+    """The memory-pressure poller (off by default)."""
+
+    enabled: bool = False
+    source: Literal["system", "noop"] = "system"
+    interval_ms: int = DEFAULT_PRESSURE_INTERVAL_MS
+    high_watermark: float = DEFAULT_HIGH_WATERMARK
+    low_watermark: float = DEFAULT_LOW_WATERMARK
+    min_evict_bytes: int = DEFAULT_MIN_EVICT_BYTES
+    evict_tiers: tuple[TierKind, ...] = ("ram", "ram_file")
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """The OpenAI-compatible HTTP server (daemon only)."""
+
+    host: str = DEFAULT_HOST
+    port: int = DEFAULT_PORT
+    api_keys: tuple[str, ...] = ()
+    max_queue: int = DEFAULT_MAX_QUEUE
+    request_timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S
+
+
+@dataclass(frozen=True)
+class DaemonSettings:
+    """Files of the CLI daemon."""
+
+    pid_file: Path = field(default_factory=lambda: _state_dir() / "erllama-py.pid")
+    log_file: Path = field(default_factory=lambda: _state_dir() / "erllama-py.log")
+    control_socket: Path = field(default_factory=lambda: _state_dir() / "control.sock")
+
+
+def _default_tiers() -> tuple[TierSettings, ...]:
+    return (
+        TierSettings("ram", DEFAULT_RAM_QUOTA_MB * MB),
+        TierSettings("disk", DEFAULT_DISK_QUOTA_MB * MB, _cache_dir() / "kvc"),
+    )
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole system configuration, immutable."""
+
+    restart: RestartSettings = field(default_factory=RestartSettings)
+    cache: CacheSettings = field(default_factory=lambda: CacheSettings(tiers=_default_tiers()))
+    policy: PolicySettings = field(default_factory=PolicySettings)
+    models: tuple[ModelSettings, ...] = ()
+    pressure: PressureSettings = field(default_factory=PressureSettings)
+    server: ServerSettings = field(default_factory=ServerSettings)
+    daemon: DaemonSettings = field(default_factory=DaemonSettings)
+
+
+# --------------------------------------------------------------------------- reader
+
+T = TypeVar("T")
+
+
+def _describe(value: object) -> str:
+    return repr(value)
+
+
+class _Section:
+    """Reads one mapping at a key path; `done()` rejects keys nobody asked for."""
+
+    def __init__(self, raw: object, path: str) -> None:
+        if raw is None:
+            raw = {}
+        if not isinstance(raw, Mapping):
+            raise ConfigError(path or "<root>", f"must be a mapping, got {_describe(raw)}")
+        for key in raw:
+            if not isinstance(key, str):
+                raise ConfigError(path or "<root>", f"keys must be strings, got {key!r}")
+        self.raw: Mapping[str, object] = raw
+        self.path = path
+        self.seen: set[str] = set()
+
+    def key(self, name: str) -> str:
+        return f"{self.path}.{name}" if self.path else name
+
+    def has(self, name: str) -> bool:
+        return name in self.raw and self.raw[name] is not None
+
+    def get(self, name: str) -> object:
+        self.seen.add(name)
+        return self.raw.get(name)
+
+    def get_int(self, name: str, default: int, *, minimum: int | None = None) -> int:
+        value = self.get(name)
+        if value is None:
+            return default
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(self.key(name), f"must be an integer, got {_describe(value)}")
+        if minimum is not None and value < minimum:
+            what = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+            raise ConfigError(self.key(name), f"must be {what}, got {value}")
+        return value
+
+    def optional_int(self, name: str, *, minimum: int) -> int | None:
+        if not self.has(name):
+            self.seen.add(name)
+            return None
+        return self.get_int(name, minimum, minimum=minimum)
+
+    def get_float(self, name: str, default: float, *, minimum: float | None = None,
+              maximum: float | None = None, strict_minimum: bool = False) -> float:  # fmt: skip
+        value = self.get(name)
+        if value is None:
+            return default
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(self.key(name), f"must be a number, got {_describe(value)}")
+        number = float(value)
+        if minimum is not None and (number <= minimum if strict_minimum else number < minimum):
+            bound = f"> {minimum:g}" if strict_minimum else f">= {minimum:g}"
+            raise ConfigError(self.key(name), f"must be {bound}, got {value}")
+        if maximum is not None and number > maximum:
+            raise ConfigError(self.key(name), f"must be <= {maximum:g}, got {value}")
+        return number
+
+    def get_bool(self, name: str, default: bool) -> bool:
+        value = self.get(name)
+        if value is None:
+            return default
+        if not isinstance(value, bool):
+            raise ConfigError(self.key(name), f"must be true or false, got {_describe(value)}")
+        return value
+
+    def get_str(self, name: str, default: str | None) -> str | None:
+        value = self.get(name)
+        if value is None:
+            return default
+        if not isinstance(value, str) or not value:
+            raise ConfigError(self.key(name), f"must be a non-empty string, got {_describe(value)}")
+        return value
+
+    def choice(self, name: str, default: T, choices: Sequence[T]) -> T:
+        value = self.get(name)
+        if value is None:
+            return default
+        if value not in choices:
+            options = ", ".join(str(c) for c in choices)
+            raise ConfigError(self.key(name), f"must be one of {options}, got {_describe(value)}")
+        return value  # type: ignore[return-value]
+
+    def path_value(self, name: str, default: Path | None) -> Path | None:
+        value = self.get_str(name, None)
+        if value is None:
+            return default
+        return Path(os.path.expandvars(os.path.expanduser(value)))
+
+    def get_list(self, name: str) -> list[object]:
+        value = self.get(name)
+        if value is None:
+            return []
+        if not isinstance(value, list):
+            raise ConfigError(self.key(name), f"must be a list, got {_describe(value)}")
+        return value
+
+    def done(self) -> None:
+        unknown = sorted(set(self.raw) - self.seen)
+        if unknown:
+            known = ", ".join(sorted(self.seen))
+            raise ConfigError(self.key(unknown[0]), f"unknown key (known keys: {known})")
+
+
+# --------------------------------------------------------------------------- sections
+
+
+def _restart(raw: object, path: str, default: RestartSettings) -> RestartSettings:
+    s = _Section(raw, path)
+    settings = RestartSettings(
+        intensity=s.get_int("intensity", default.intensity, minimum=0),
+        period_s=s.get_float("period_s", default.period_s, minimum=0.0, strict_minimum=True),
+    )
+    s.done()
+    return settings
+
+
+def _tier(raw: object, path: str) -> TierSettings:
+    s = _Section(raw, path)
+    kind = s.get("kind")
+    if kind is None:
+        raise ConfigError(s.key("kind"), f"is required (one of {', '.join(TIER_KINDS)})")
+    kind = s.choice("kind", "ram", TIER_KINDS)
+    default_quota = {
+        "ram": DEFAULT_RAM_QUOTA_MB,
+        "ram_file": DEFAULT_RAM_FILE_QUOTA_MB,
+        "disk": DEFAULT_DISK_QUOTA_MB,
+    }[kind]
+    quota_mb = s.get_int("quota_mb", default_quota, minimum=1)
+    root = s.path_value("root", None)
+    if kind == "ram" and root is not None:
+        raise ConfigError(s.key("root"), "the ram tier has no root; remove it")
+    if kind != "ram" and root is None:
+        raise ConfigError(s.key("root"), f"is required for a {kind} tier")
+    s.done()
+    return TierSettings(kind=kind, quota_bytes=quota_mb * MB, root=root)
+
+
+def _cache(raw: object) -> CacheSettings:
+    s = _Section(raw, "cache")
+    if s.has("tiers"):
+        items = s.get_list("tiers")
+        if not items:
+            raise ConfigError("cache.tiers", "must list at least one tier")
+        tiers = tuple(_tier(item, f"cache.tiers[{i}]") for i, item in enumerate(items))
+    else:
+        s.get("tiers")
+        tiers = _default_tiers()
+    names: dict[str, int] = {}
+    ram_count = 0
+    for i, tier in enumerate(tiers):
+        if tier.name in names:
+            raise ConfigError(
+                f"cache.tiers[{i}].root",
+                f"duplicates cache.tiers[{names[tier.name]}] ({tier.name})",
+            )
+        names[tier.name] = i
+        ram_count += tier.kind == "ram"
+    if ram_count > 1:
+        raise ConfigError("cache.tiers", "at most one ram tier")
+    settings = CacheSettings(
+        tiers=tiers,
+        writers=s.get_int("writers", DEFAULT_WRITERS, minimum=1),
+        reservation_ttl_s=s.get_float(
+            "reservation_ttl_s", DEFAULT_RESERVATION_TTL_S, minimum=0.0, strict_minimum=True
+        ),
+        sweep_interval_s=s.get_float(
+            "sweep_interval_s", DEFAULT_SWEEP_INTERVAL_S, minimum=0.0, strict_minimum=True
+        ),
+        promote_on_hit=s.get_bool("promote_on_hit", True),
+        demote_on_evict=s.get_bool("demote_on_evict", True),
+        verify_on_scan=s.get_bool("verify_on_scan", False),
+        restart=_restart(s.get("restart"), "cache.restart", RestartSettings()),
+    )
+    s.done()
+    return settings
+
+
+POLICY_KEYS = tuple(PolicySettings.__dataclass_fields__)
+
+
+def check_policy(values: Mapping[str, int], path: str) -> None:
+    """Cross-field rules of a complete policy (spec 3.3), naming the key at fault."""
+    if values["cold_min_tokens"] < values["min_tokens"]:
+        raise ConfigError(
+            f"{path}.cold_min_tokens",
+            f"must be >= min_tokens ({values['min_tokens']}), got {values['cold_min_tokens']}",
+        )
+    if values["cold_max_tokens"] < values["cold_min_tokens"]:
+        raise ConfigError(
+            f"{path}.cold_max_tokens",
+            f"must be >= cold_min_tokens ({values['cold_min_tokens']}), "
+            f"got {values['cold_max_tokens']}",
+        )
+
+
+def _policy_values(raw: object, path: str, base: PolicySettings) -> dict[str, int]:
+    s = _Section(raw, path)
+    minimums = {"continued_interval": 1, "boundary_align_tokens": 1}
+    values = {
+        key: s.get_int(key, getattr(base, key), minimum=minimums.get(key, 0)) for key in POLICY_KEYS
+    }
+    s.done()
+    return values
+
+
+def _policy(raw: object) -> PolicySettings:
+    values = _policy_values(raw, "policy", PolicySettings())
+    check_policy(values, "policy")
+    return PolicySettings(**values)
+
+
+def _model(raw: object, path: str, policy: PolicySettings, cache: CacheSettings) -> ModelSettings:
+    s = _Section(raw, path)
+    name = s.get_str("name", None)
+    if name is None:
+        raise ConfigError(s.key("name"), "is required")
+    model = s.get_str("model", None)
+    model_path = s.path_value("model_path", None)
+    backend: Literal["llama", "stub"] = s.choice("backend", "llama", ("llama", "stub"))
+    if backend == "llama" and (model is None) == (model_path is None):
+        raise ConfigError(path, "needs exactly one of model (a known model name) or model_path")
+    n_ctx = s.get_int("n_ctx", DEFAULT_N_CTX, minimum=16)
+    n_batch = s.get_int("n_batch", DEFAULT_N_BATCH, minimum=1)
+    n_seq_max = s.get_int("n_seq_max", DEFAULT_N_SEQ_MAX, minimum=1)
+    if n_seq_max > 256:
+        raise ConfigError(s.key("n_seq_max"), f"must be <= 256, got {n_seq_max}")
+    if n_batch <= n_seq_max:
+        raise ConfigError(
+            s.key("n_batch"), f"must be > n_seq_max ({n_seq_max}) so prefill can progress"
+        )
+    tier = s.get_str("tier", "ram") or "ram"
+    if cache.tier(tier) is None:
+        known = ", ".join(t.name for t in cache.tiers)
+        raise ConfigError(s.key("tier"), f"no such cache tier {tier!r} (configured: {known})")
+    overrides = _policy_values(s.get("policy"), s.key("policy"), policy)
+    check_policy(overrides, s.key("policy"))
+    raw_policy = s.get("policy") or {}
+    assert isinstance(raw_policy, Mapping)
+    settings = ModelSettings(
+        name=name,
+        model=model,
+        model_path=model_path,
+        backend=backend,
+        n_ctx=n_ctx,
+        n_batch=n_batch,
+        n_seq_max=n_seq_max,
+        n_threads=s.optional_int("n_threads", minimum=1),
+        tier=tier,
+        deterministic=s.get_bool("deterministic", False),
+        policy={k: overrides[k] for k in raw_policy},
+        restart=_restart(
+            s.get("restart"),
+            s.key("restart"),
+            RestartSettings(DEFAULT_MODEL_INTENSITY, DEFAULT_MODEL_PERIOD_S),
+        ),
+    )
+    s.done()
+    return settings
+
+
+def _pressure(raw: object) -> PressureSettings:
+    s = _Section(raw, "pressure")
+    high = s.get_float("high_watermark", DEFAULT_HIGH_WATERMARK, minimum=0.0, maximum=1.0)
+    low = s.get_float("low_watermark", DEFAULT_LOW_WATERMARK, minimum=0.0, maximum=1.0)
+    if low >= high:
+        raise ConfigError(
+            "pressure.low_watermark", f"must be < high_watermark ({high:g}), got {low:g}"
+        )
+    tiers = s.get_list("evict_tiers") if s.has("evict_tiers") else ["ram", "ram_file"]
+    for i, tier in enumerate(tiers):
+        if tier not in TIER_KINDS:
+            raise ConfigError(
+                f"pressure.evict_tiers[{i}]",
+                f"must be one of {', '.join(TIER_KINDS)}, got {_describe(tier)}",
+            )
+    s.get("evict_tiers")
+    settings = PressureSettings(
+        enabled=s.get_bool("enabled", False),
+        source=s.choice("source", "system", ("system", "noop")),
+        interval_ms=s.get_int("interval_ms", DEFAULT_PRESSURE_INTERVAL_MS, minimum=1),
+        high_watermark=high,
+        low_watermark=low,
+        min_evict_bytes=s.get_int("min_evict_bytes", DEFAULT_MIN_EVICT_BYTES, minimum=0),
+        evict_tiers=tuple(tiers),  # type: ignore[arg-type]
+    )
+    s.done()
+    return settings
+
+
+def _server(raw: object) -> ServerSettings:
+    s = _Section(raw, "server")
+    port = s.get_int("port", DEFAULT_PORT, minimum=0)
+    if port > 65535:
+        raise ConfigError("server.port", f"must be <= 65535, got {port}")
+    keys = s.get_list("api_keys")
+    for i, key in enumerate(keys):
+        if not isinstance(key, str) or not key:
+            raise ConfigError(f"server.api_keys[{i}]", f"must be a non-empty string, got {key!r}")
+    settings = ServerSettings(
+        host=s.get_str("host", DEFAULT_HOST) or DEFAULT_HOST,
+        port=port,
+        api_keys=tuple(str(k) for k in keys),
+        max_queue=s.get_int("max_queue", DEFAULT_MAX_QUEUE, minimum=1),
+        request_timeout_s=s.get_float(
+            "request_timeout_s", DEFAULT_REQUEST_TIMEOUT_S, minimum=0.0, strict_minimum=True
+        ),
+    )
+    s.done()
+    return settings
+
+
+def _daemon(raw: object) -> DaemonSettings:
+    s = _Section(raw, "daemon")
+    default = DaemonSettings()
+    settings = DaemonSettings(
+        pid_file=s.path_value("pid_file", default.pid_file) or default.pid_file,
+        log_file=s.path_value("log_file", default.log_file) or default.log_file,
+        control_socket=s.path_value("control_socket", default.control_socket)
+        or default.control_socket,
+    )
+    s.done()
+    return settings
+
+
+# --------------------------------------------------------------------------- entry points
+
+
+def parse_config(raw: Mapping[str, Any] | None) -> Config:
+    """Validate a raw mapping (as read from YAML) into a `Config`.
+
+    Raises:
+        ConfigError: naming the first invalid key and why.
+    """
+    s = _Section(raw, "")
+    cache = _cache(s.get("cache"))
+    policy = _policy(s.get("policy"))
+    models_raw = s.get_list("models")
+    models = tuple(_model(item, f"models[{i}]", policy, cache) for i, item in enumerate(models_raw))
+    seen: dict[str, int] = {}
+    for i, model in enumerate(models):
+        if model.name in seen:
+            raise ConfigError(f"models[{i}].name", f"duplicates models[{seen[model.name]}].name")
+        seen[model.name] = i
+    config = Config(
+        restart=_restart(s.get("restart"), "restart", RestartSettings()),
+        cache=cache,
+        policy=policy,
+        models=models,
+        pressure=_pressure(s.get("pressure")),
+        server=_server(s.get("server")),
+        daemon=_daemon(s.get("daemon")),
+    )
+    s.done()
+    return config
+
+
+def load_config(source: str | os.PathLike[str] | Mapping[str, Any] | Config | None) -> Config:
+    """Load a configuration from a YAML path, a mapping, a `Config`, or defaults (None).
+
+    Raises:
+        ConfigError: the file is missing or not YAML, or a key is invalid.
+    """
+    if source is None:
+        return parse_config({})
+    if isinstance(source, Config):
+        return source
+    if isinstance(source, Mapping):
+        return parse_config(source)
+    path = Path(source)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(str(path), f"cannot read the config file: {exc.strerror}") from exc
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(str(path), f"is not valid YAML: {exc}") from exc
+    return parse_config(raw)
+
+
+def check_tier_roots(cache: CacheSettings) -> None:
+    """Create every file tier's root, failing with the tier's key path if that is impossible."""
+    for i, tier in enumerate(cache.tiers):
+        if tier.root is None:
+            continue
+        try:
+            tier.root.mkdir(parents=True, exist_ok=True)
+            probe = tier.root / f".erllama-probe-{os.getpid()}"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as exc:
+            raise ConfigError(
+                f"cache.tiers[{i}].root",
+                f"cannot create or write {tier.root}: {exc.strerror or exc}",
+            ) from exc
