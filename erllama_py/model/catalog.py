@@ -14,7 +14,7 @@ __all__ = ["KNOWN_MODELS", "KnownModel", "resolve_model"]
 
 @dataclass(frozen=True)
 class KnownModel:
-    """A model shipped as a Python package whose `assemble()` writes the GGUF and returns its path."""
+    """A model shipped as a package whose `assemble()` writes the GGUF and returns its path."""
 
     name: str
     package: str

@@ -1,0 +1,144 @@
+"""Cache counters: every counter of the original (spec 4.16) plus per-tier gauges.
+
+Increments are cheap and thread-safe (one small lock); `snapshot()` returns a
+frozen `CounterSnapshot` readable from any thread without touching the meta
+actor's mailbox.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+__all__ = ["COUNTER_NAMES", "CounterSnapshot", "Counters", "TierStats"]
+
+# The original's twenty counters, in its order, then ours.
+COUNTER_NAMES: tuple[str, ...] = (
+    "hits_exact",
+    "hits_resume",
+    "misses",
+    "saves_cold",
+    "saves_continued",
+    "saves_finish",
+    "saves_evict",
+    "saves_shutdown",
+    "evictions",
+    "corrupt_files",
+    "pack_total_ns",
+    "load_total_ns",
+    "bytes_ram",
+    "bytes_ramfile",
+    "bytes_disk",
+    "duplicate_dropped",
+    "hits_longest_prefix",
+    "longest_prefix_probes",
+    "longest_prefix_ns",
+    "saves_dropped",
+    # beyond the original
+    "hits_prefix",
+    "promotions",
+    "demotions",
+    "quota_refusals",
+    "adoptions",
+    "temp_files_swept",
+    "load_misses",
+)
+
+_GAUGES = frozenset({"bytes_ram", "bytes_ramfile", "bytes_disk"})
+
+
+@dataclass(frozen=True)
+class TierStats:
+    """One tier's gauges and counters at the time of the snapshot."""
+
+    name: str
+    kind: str
+    quota_bytes: int
+    bytes: int
+    rows: int
+    reserved_bytes: int
+    hits: int
+    evictions: int
+    promotions: int
+    demotions: int
+
+
+@dataclass(frozen=True)
+class CounterSnapshot:
+    """Frozen copy of every counter, plus per-tier statistics."""
+
+    hits_exact: int = 0
+    hits_resume: int = 0
+    misses: int = 0
+    saves_cold: int = 0
+    saves_continued: int = 0
+    saves_finish: int = 0
+    saves_evict: int = 0
+    saves_shutdown: int = 0
+    evictions: int = 0
+    corrupt_files: int = 0
+    pack_total_ns: int = 0
+    load_total_ns: int = 0
+    bytes_ram: int = 0
+    bytes_ramfile: int = 0
+    bytes_disk: int = 0
+    duplicate_dropped: int = 0
+    hits_longest_prefix: int = 0
+    longest_prefix_probes: int = 0
+    longest_prefix_ns: int = 0
+    saves_dropped: int = 0
+    hits_prefix: int = 0
+    promotions: int = 0
+    demotions: int = 0
+    quota_refusals: int = 0
+    adoptions: int = 0
+    temp_files_swept: int = 0
+    load_misses: int = 0
+    tiers: tuple[TierStats, ...] = field(default=())
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serialisable form: counter name -> value, and ``tiers`` as a list of dicts."""
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "tiers"}
+        out["tiers"] = [asdict(t) for t in self.tiers]
+        return out
+
+
+class Counters:
+    """Mutable, thread-safe counters; gauges (``bytes_*``) are set, the rest only grow."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._values: dict[str, int] = dict.fromkeys(COUNTER_NAMES, 0)
+
+    def incr(self, name: str, amount: int = 1) -> None:
+        """Add `amount` to a counter (names are checked: a typo is a bug, not a new counter)."""
+        if name not in self._values:
+            raise KeyError(f"unknown cache counter {name!r}")
+        with self._lock:
+            self._values[name] += amount
+
+    def set_gauge(self, name: str, value: int) -> None:
+        """Set a ``bytes_*`` gauge."""
+        if name not in _GAUGES:
+            raise KeyError(f"{name!r} is not a gauge")
+        with self._lock:
+            self._values[name] = value
+
+    def get(self, name: str) -> int:
+        """Current value of one counter."""
+        with self._lock:
+            return self._values[name]
+
+    def reset(self) -> None:
+        """Zero every counter except the gauges, which describe what the tiers hold."""
+        with self._lock:
+            for name in self._values:
+                if name not in _GAUGES:
+                    self._values[name] = 0
+
+    def snapshot(self, tiers: tuple[TierStats, ...] = ()) -> CounterSnapshot:
+        """A frozen copy of every counter."""
+        with self._lock:
+            values = dict(self._values)
+        return CounterSnapshot(**values, tiers=tiers)

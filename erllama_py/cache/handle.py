@@ -1,0 +1,411 @@
+"""`CacheHandle`: the cache's facade for the model layer, the REPL and tests.
+
+Each method says whether it reads without the meta actor (lookups, loads,
+counters: they never queue behind its mailbox) or goes through it (every
+mutation: saves' reservations, claims, checkins, evictions).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Any
+
+import pykka
+
+from erllama_py.cache.counters import CounterSnapshot, TierStats
+from erllama_py.cache.key import Namespace, TokenInput, encode_tokens, make_key_encoded, prefix_keys
+from erllama_py.cache.meta_client import MetaClient
+from erllama_py.cache.ramstore import RamEntry, payload_checksum
+from erllama_py.cache.rows import Claim, PrefixHit, RowInfo
+from erllama_py.cache.shared import WRITER_NAME, CacheShared
+from erllama_py.cache.writer import SaveJob, SaveResult, run_save
+from erllama_py.cache.writers import inbox_depth, submit_reserved
+from erllama_py.errors import CacheError, CacheFormatError, RuntimeStoppedError
+
+__all__ = ["CacheHandle", "SaveTicket"]
+
+Allocator = Callable[[int], Any]
+
+
+@dataclass(frozen=True)
+class SaveTicket:
+    """A queued save: its key is known now; `future` resolves when it is published."""
+
+    key: bytes
+    tier: str
+    future: Future[SaveResult]
+
+    def result(self, timeout: float | None = None) -> SaveResult:
+        """Wait for the save (raises its error if it failed)."""
+        return self.future.result(timeout)
+
+
+class CacheHandle:
+    """A running cache. Create it with `erllama_py.cache.start` (or the runtime does)."""
+
+    def __init__(self, shared: CacheShared, sup: pykka.ActorRef[Any] | None = None) -> None:
+        self.shared = shared
+        self._sup = sup
+        self._meta = MetaClient(shared)
+
+    # ------------------------------------------------------------------ saves
+
+    def save_async(
+        self,
+        namespace: Namespace,
+        tokens: TokenInput | bytes,
+        payload: Any,
+        *,
+        tier: str | None = None,
+        reason: str = "finish",
+        owns_payload: bool = False,
+        extra: dict[str, Any] | None = None,
+    ) -> SaveTicket:
+        """Queue a save; returns at once with the key (goes through the meta actor).
+
+        For a file tier the row is framed and reserved in this thread, then
+        written by the pool; for RAM it is installed here and now (by
+        reference when `owns_payload`, else as an immutable copy). `payload`
+        is any buffer, or an object with ``view()`` (shared memory).
+
+        Raises:
+            InvalidTokensError, UnknownTierError, PayloadTooLargeError,
+            TierFullError, RuntimeStoppedError.
+        """
+        token_bytes = tokens if isinstance(tokens, bytes) else encode_tokens(tokens)
+        index = self.shared.index()
+        tier_name = index.resolve_tier(tier or index.tier_names[0])
+        job = SaveJob(
+            namespace=namespace,
+            tokens=token_bytes,
+            payload=payload,
+            reason=reason,
+            tier=tier_name,
+            owns_payload=owns_payload,
+            extra=extra,
+        )
+        if index.tier_settings(tier_name).kind == "ram":
+            key = self._save_ram(job)
+        else:
+            key = submit_reserved(self.shared, job)
+        return SaveTicket(key=key, tier=tier_name, future=job.future)
+
+    def save(
+        self,
+        namespace: Namespace,
+        tokens: TokenInput | bytes,
+        payload: Any,
+        *,
+        tier: str | None = None,
+        reason: str = "finish",
+        owns_payload: bool = False,
+        extra: dict[str, Any] | None = None,
+        timeout: float | None = 60.0,
+    ) -> bytes:
+        """Save and wait until the row is published; returns its key.
+
+        A row already present is not an error (the key is returned).
+
+        Raises:
+            as `save_async`, plus the writer's error (CacheError, OSError wrapped).
+        """
+        ticket = self.save_async(
+            namespace,
+            tokens,
+            payload,
+            tier=tier,
+            reason=reason,
+            owns_payload=owns_payload,
+            extra=extra,
+        )
+        ticket.result(timeout)
+        return ticket.key
+
+    def _save_ram(self, job: SaveJob) -> bytes:
+        try:
+            result = run_save(
+                job,
+                meta=self._meta,
+                stores=self.shared.files,
+                counters=self.shared.counters,
+                writer="caller",
+            )
+        except Exception as exc:
+            job.future.set_exception(exc)
+            raise
+        job.future.set_result(result)
+        return result.key
+
+    # ------------------------------------------------------------------ lookups (no mailbox)
+
+    def key(self, namespace: Namespace, tokens: TokenInput | bytes) -> bytes:
+        """The cache key of `tokens` in `namespace` (pure)."""
+        token_bytes = tokens if isinstance(tokens, bytes) else encode_tokens(tokens)
+        return make_key_encoded(namespace, token_bytes)
+
+    def lookup_exact(self, namespace: Namespace, tokens: TokenInput | bytes) -> RowInfo | None:
+        """The row holding exactly `tokens`, if any (reads the index; no mailbox)."""
+        return self.shared.index().lookup_exact(self.key(namespace, tokens))
+
+    def lookup_key(self, key: bytes) -> RowInfo | None:
+        """The row with this key, if available (no mailbox)."""
+        return self.shared.index().lookup_exact(key)
+
+    def lookup_exact_or_wait(self, key: bytes, timeout_s: float) -> RowInfo | None:
+        """The row with this key, waiting up to `timeout_s` for a save of it in flight.
+
+        Goes through the meta actor once (to register the wait); returns None
+        at once when no save of that key is in flight.
+        """
+        index = self.shared.index()
+        info = index.lookup_exact(key)
+        if info is not None or timeout_s <= 0:
+            return info
+        future: Future[RowInfo | None] = Future()
+        self._meta.call("wait_for_key", key, future)
+        try:
+            return future.result(timeout_s)
+        except TimeoutError:
+            return index.lookup_exact(key)
+
+    def longest_prefix(self, namespace: Namespace, tokens: TokenInput | bytes) -> PrefixHit | None:
+        """Rows sharing the longest prefix with `tokens`, via the token trie (no mailbox).
+
+        Time is linear in the prompt, whatever its length and however many rows.
+        """
+        token_bytes = tokens if isinstance(tokens, bytes) else encode_tokens(tokens)
+        started = time.perf_counter_ns()
+        hit = self.shared.index().longest_prefix(namespace, token_bytes)
+        counters = self.shared.counters
+        counters.incr("longest_prefix_ns", time.perf_counter_ns() - started)
+        counters.incr("longest_prefix_probes")
+        return hit
+
+    def longest_prefix_stride(
+        self, namespace: Namespace, tokens: TokenInput | bytes, stride: int, minimum: int
+    ) -> tuple[int, RowInfo] | None:
+        """The original's walk: probe exact keys of stride-aligned prefixes, longest first.
+
+        Returns (length, row) or None. Counts probes and time (no mailbox).
+        """
+        if stride <= 0 or minimum < 0:
+            raise ValueError("stride must be positive and minimum non-negative")
+        token_bytes = tokens if isinstance(tokens, bytes) else encode_tokens(tokens)
+        started = time.perf_counter_ns()
+        n = len(token_bytes) // 4
+        floor = max(minimum, stride)
+        lengths = list(range((n // stride) * stride, floor - 1, -stride))
+        index = self.shared.index()
+        found: tuple[int, RowInfo] | None = None
+        probes = 0
+        for length, key in zip(lengths, prefix_keys(namespace, token_bytes, lengths), strict=True):
+            probes += 1
+            info = index.lookup_exact(key)
+            if info is not None:
+                found = (length, info)
+                break
+        counters = self.shared.counters
+        counters.incr("longest_prefix_probes", probes)
+        counters.incr("longest_prefix_ns", time.perf_counter_ns() - started)
+        return found
+
+    # ------------------------------------------------------------------ claim / load / checkin
+
+    def claim(self, key: bytes, tier: str | None = None) -> Claim | None:
+        """Pin a row (its fastest copy, or the one in `tier`) until `checkin` (mailbox)."""
+        claim: Claim | None = self._meta.call("claim", key, tier)
+        return claim
+
+    def load(
+        self, claim: Claim, allocate: Allocator | None = None, *, promote: bool | None = None
+    ) -> memoryview | None:
+        """Read a claimed row's payload, verified (checksum and key); None if it is corrupt.
+
+        Runs in this thread (no mailbox). A file row is read into one buffer
+        from `allocate(n)` (default a new bytearray); a RAM row is returned as a
+        read-only view of the stored payload, without a copy, unless `allocate`
+        is given. A corrupt row is removed from the index, its file deleted and
+        ``corrupt_files`` counted. A file hit may be promoted to RAM (default:
+        the ``promote_on_hit`` setting; only with the default allocator).
+
+        Raises:
+            OSError: the file could not be read (not a corruption: nothing is removed).
+        """
+        started = time.perf_counter_ns()
+        try:
+            if claim.kind == "ram":
+                return self._load_ram(claim, allocate)
+            path = claim.path
+            assert path is not None
+            store = self.shared.files[claim.tier]
+            try:
+                payload = store.load(path, claim.key, allocate)
+            except CacheFormatError as exc:
+                self._meta.tell("remove_corrupt", claim.key, claim.tier, exc.reason)
+                self.shared.counters.incr("load_misses")
+                return None
+            except FileNotFoundError:
+                self._meta.tell("remove_corrupt", claim.key, claim.tier, "missing")
+                self.shared.counters.incr("load_misses")
+                return None
+            if promote is None:
+                promote = self.shared.settings.promote_on_hit and allocate is None
+            if promote:
+                self.promote(claim, payload.obj if allocate is None else payload)
+            return payload.toreadonly()
+        finally:
+            self.shared.counters.incr("load_total_ns", time.perf_counter_ns() - started)
+
+    def _load_ram(self, claim: Claim, allocate: Allocator | None) -> memoryview | None:
+        entry = self.shared.ram.get(claim.key)
+        if entry is None:
+            self.shared.counters.incr("load_misses")
+            return None
+        view = entry.view()
+        if claim.checksum is not None and payload_checksum(view) != claim.checksum:
+            self._meta.tell("remove_corrupt", claim.key, claim.tier, "checksum_mismatch")
+            self.shared.counters.incr("load_misses")
+            return None
+        if allocate is None:
+            return view
+        target = memoryview(allocate(view.nbytes)).cast("B")
+        target[: view.nbytes] = view
+        return target[: view.nbytes].toreadonly()
+
+    def ram_payload(self, claim: Claim) -> Any:
+        """The stored payload object of a claimed RAM row (for zero-copy handoff), or None."""
+        entry = self.shared.ram.get(claim.key)
+        return None if entry is None else entry.payload
+
+    def checkin(self, claim: Claim) -> None:
+        """Release a claim's pin (mailbox, without waiting)."""
+        self._meta.tell("checkin", claim.holder)
+
+    def promote(self, claim: Claim, payload: Any, *, owns_payload: bool = False) -> bool:
+        """Copy a slower tier's hit into RAM, by reference (mailbox, without waiting).
+
+        Returns False when there is no RAM tier or the row is already in RAM.
+        """
+        index = self.shared.index()
+        try:
+            ram = index.resolve_tier("ram")
+        except CacheError:
+            return False
+        if claim.tier == ram or index.row(claim.key, ram) is not None:
+            return False
+        view = memoryview(payload.view() if hasattr(payload, "view") else payload).cast("B")
+        entry = RamEntry(
+            key=claim.key,
+            namespace=claim.namespace,
+            tokens=claim.tokens,
+            reason=claim.reason,
+            created_ns=time.time_ns(),
+            checksum=claim.checksum if claim.checksum is not None else payload_checksum(view),
+            size=view.nbytes,
+            payload=payload
+            if owns_payload or isinstance(payload, bytes | bytearray)
+            else bytes(view),
+        )
+        self._meta.tell("promote", entry, ram)
+        return True
+
+    def fetch(self, key: bytes) -> bytes | None:
+        """Claim, load, copy out and check in: the whole payload as bytes, or None."""
+        claim = self.claim(key)
+        if claim is None:
+            return None
+        try:
+            view = self.load(claim)
+            return None if view is None else bytes(view)
+        finally:
+            self.checkin(claim)
+
+    # ------------------------------------------------------------------ inspection (no mailbox)
+
+    def rows(self) -> list[RowInfo]:
+        """Every row and every save in flight."""
+        return self.shared.index().rows()
+
+    def counters(self) -> CounterSnapshot:
+        """Every counter and per-tier statistics (no mailbox)."""
+        index = self.shared.index()
+        with index.lock:
+            stats = tuple(
+                TierStats(
+                    name=tier,
+                    kind=index.tier_settings(tier).kind,
+                    quota_bytes=index.tier_settings(tier).quota_bytes,
+                    bytes=index.used_bytes(tier) - index.reserved_bytes(tier),
+                    rows=index.tier_rows(tier),
+                    reserved_bytes=index.reserved_bytes(tier),
+                    hits=index.tier_counts(tier)[0],
+                    evictions=index.tier_counts(tier)[1],
+                    promotions=index.tier_counts(tier)[2],
+                    demotions=index.tier_counts(tier)[3],
+                )
+                for tier in index.tier_names
+            )
+        return self.shared.counters.snapshot(stats)
+
+    def reset_counters(self) -> None:
+        """Zero every counter but the byte gauges."""
+        self.shared.counters.reset()
+
+    # ------------------------------------------------------------------ maintenance (mailbox)
+
+    def gc(self) -> int:
+        """Evict every unpinned row of every tier; returns how many."""
+        return int(self._meta.call("gc"))
+
+    def evict_bytes(self, target: int, tiers: Sequence[str] | None = None) -> tuple[int, int]:
+        """Evict least recently used unpinned rows (demoting RAM rows when configured)
+        until `target` bytes are freed; returns (rows, bytes)."""
+        rows, freed = self._meta.call("evict_bytes", target, None if tiers is None else list(tiers))
+        return int(rows), int(freed)
+
+    def sweep(self) -> int:
+        """Clean stale reservations now; returns how many files were adopted."""
+        return int(self._meta.call("sweep"))
+
+    def check(self) -> list[str]:
+        """Cross-examine index and tiers; one line per problem (empty = sound)."""
+        problems: list[str] = self._meta.call("check")
+        return problems
+
+    def wait_idle(self, timeout: float = 30.0) -> None:
+        """Wait until no save is in flight (writers drained)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not self.shared.index().reservations() and not self._writers_busy():
+                return
+            time.sleep(0.005)
+        raise TimeoutError("saves still in flight")
+
+    def _writers_busy(self) -> bool:
+        for i in range(self.shared.settings.writers):
+            ref = self.shared.registry.whereis(WRITER_NAME.format(i))
+            if isinstance(ref, pykka.ActorRef) and inbox_depth(ref):
+                return True
+        return False
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop the cache's actors (waiting for saves in flight), if this handle started them."""
+        if self.shared.stopped:
+            return
+        with contextlib.suppress(TimeoutError, RuntimeStoppedError):
+            self.wait_idle(timeout)
+        if self._sup is not None and self._sup.is_alive():
+            self._sup.stop(block=True, timeout=timeout)
+        self.shared.stopped = True
+
+    def __enter__(self) -> CacheHandle:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.stop()

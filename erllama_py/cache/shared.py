@@ -1,0 +1,92 @@
+"""What every incarnation of the cache's actors shares, so that restarts lose nothing.
+
+`CacheShared` is created once by `erllama_py.cache.start` and handed to the
+start function of each actor under ``cache_sup``. It holds the stores (the
+RAM entries and the file tiers' directories), the counters, the name registry,
+and the index currently published by the running meta actor. A restarted
+meta actor builds a new index from the stores (scan) and publishes it here.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+
+from erllama_py.cache.counters import Counters
+from erllama_py.cache.filestore import FileStore
+from erllama_py.cache.index import CacheIndex
+from erllama_py.cache.ramstore import RamStore
+from erllama_py.config import CacheSettings
+from erllama_py.errors import RuntimeStoppedError
+from supervisors import Registry
+
+__all__ = ["META_NAME", "WRITER_NAME", "CacheShared", "tier_actor_name"]
+
+META_NAME = "cache_meta"
+RAM_NAME = "cache_ram"
+WRITERS_NAME = "cache_writers"
+WRITER_NAME = "cache_writer:{}"
+INDEX_WAIT_S = 30.0  # how long a caller waits for a (re)starting meta actor's index
+
+
+def tier_actor_name(kind: str, root: object) -> str:
+    """Registry name of a file tier's actor: ``cache_ramfile:<root>`` / ``cache_disk:<root>``."""
+    return f"cache_{kind.replace('_', '')}:{root}"
+
+
+@dataclass
+class CacheShared:
+    """State that outlives any one actor of the cache tree."""
+
+    settings: CacheSettings
+    registry: Registry
+    ram: RamStore = field(default_factory=RamStore)
+    counters: Counters = field(default_factory=Counters)
+    files: dict[str, FileStore] = field(default_factory=dict)
+    _writers: dict[str, str] = field(default_factory=dict)
+    stopped: bool = False
+    _index: CacheIndex | None = None
+    _index_ready: threading.Event = field(default_factory=threading.Event)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def __post_init__(self) -> None:
+        for tier in self.settings.tiers:
+            if tier.kind != "ram":
+                self.files[tier.name] = FileStore(tier, verify_on_scan=self.settings.verify_on_scan)
+
+    def publish_index(self, index: CacheIndex) -> None:
+        """Called by a meta actor once its index is built."""
+        self._index = index
+        self._index_ready.set()
+
+    def index(self, timeout: float = INDEX_WAIT_S) -> CacheIndex:
+        """The current index, waiting for the first meta actor to build one.
+
+        Raises:
+            RuntimeStoppedError: the cache was stopped, or no index appeared in time.
+        """
+        if self.stopped:
+            raise RuntimeStoppedError("the cache has been stopped")
+        if not self._index_ready.wait(timeout):
+            raise RuntimeStoppedError("the cache's meta actor did not start in time")
+        assert self._index is not None
+        return self._index
+
+    def writer_alive(self, writer: str) -> bool:
+        """Whether a writer incarnation (its id, not its name) is still running."""
+        with self._lock:
+            return writer in self._writers.values()
+
+    def writer_id_of(self, name: str) -> str | None:
+        """The id of the running incarnation of the writer called `name`."""
+        with self._lock:
+            return self._writers.get(name)
+
+    def writer_started(self, name: str, writer: str) -> None:
+        with self._lock:
+            self._writers[name] = writer
+
+    def writer_ended(self, name: str, writer: str) -> None:
+        with self._lock:
+            if self._writers.get(name) == writer:
+                del self._writers[name]

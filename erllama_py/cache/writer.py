@@ -1,0 +1,322 @@
+"""The save pipeline run by the writer pool, and the publish protocol it follows.
+
+A save reads no live model state: the payload was packed from a paused
+context before the job was queued, so writers never hold up generation.
+
+Publish protocol for a file tier (spec 4.12-4.14), one row per job; the
+"if killed here" notes say what a crash of the writer (or of the whole
+process) at that point leaves, and who cleans it up:
+
+1. Frame the row: header, tokens and meta as one small *prefix*; the payload
+   checksum is computed in place. Nothing is written yet.
+   *If killed here:* nothing on disk, nothing reserved.
+2. Reserve (key, tier) and the row's bytes in the tier's quota with the meta
+   actor; it evicts least recently used unpinned rows to make room, or
+   refuses (``already_present`` counts as a duplicate, not an error).
+   *If killed here:* a reservation without a file; its TTL or the writer's
+   death notice removes it.
+3. Create ``<key>.kvc.<writer>.<token>.tmp`` with ``O_EXCL``, ``writev`` the
+   prefix and the payload (never joined in memory), ``fdatasync``, close.
+   *If killed here:* a temp file, never a published row. The reservation's
+   cleanup removes it; the startup scan sweeps any that remain.
+4. Check the reservation with the meta actor, just before linking: a writer
+   whose reservation expired (it was too slow, or the meta restarted)
+   abandons here and removes its temp file.
+5. ``link(2)`` the temp file to ``<key>.kvc``, unlink the temp name, fsync the
+   directory. EEXIST: the existing file is validated and adopted (first file
+   wins), or replaced if invalid; never skipped.
+   *If killed here:* a complete, data-synced file under its final name. The
+   reservation's cleanup (TTL or death notice) finds it and adopts it after
+   full validation; a restart's scan registers it.
+6. Mark the reservation published, then announce the row: it becomes
+   available, waiters are answered, the save counter is bumped. If the
+   reservation expired meanwhile, the writer asks the meta actor to adopt the
+   file instead.
+
+For the RAM tier, steps 2-6 collapse into one meta message that installs the
+payload by reference.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import time
+from collections.abc import Mapping
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+from erllama_py.cache import kvc
+from erllama_py.cache.counters import Counters
+from erllama_py.cache.filestore import FileStore
+from erllama_py.cache.key import Namespace, make_key_encoded
+from erllama_py.cache.ramstore import RamEntry, payload_checksum, release_payload
+from erllama_py.cache.rows import RowInfo
+from erllama_py.errors import CacheError, ReservationError, TierFullError
+
+__all__ = ["MetaPort", "SaveJob", "SaveResult", "prepare_file_save", "run_save"]
+
+log = logging.getLogger("erllama_py.cache")
+
+SAVE_COUNTERS = {
+    "cold": "saves_cold",
+    "continued": "saves_continued",
+    "finish": "saves_finish",
+    "evict": "saves_evict",
+    "shutdown": "saves_shutdown",
+}
+
+
+@dataclass(frozen=True)
+class SaveResult:
+    """Outcome of a save: the key, where it lives, and whether this save wrote it."""
+
+    key: bytes
+    tier: str
+    size: int
+    status: Literal["saved", "already_present", "adopted"]
+
+
+@dataclass
+class SaveJob:
+    """One save for the writer pool.
+
+    ``tokens`` are u32 little-endian bytes. ``fallback_tiers`` are tried in
+    order when ``tier`` has no room (demotion). With ``owns_payload`` the
+    writer releases the payload once it is written (or dropped), unless the
+    RAM tier kept it. A job submitted by a model is *reserved* before it is
+    queued (``prefix``, ``key``, ``token`` set: steps 1-2 ran in the caller),
+    so that a request waiting for that key knows a save is on its way.
+    """
+
+    namespace: Namespace
+    tokens: bytes
+    payload: Any
+    reason: str
+    tier: str
+    fallback_tiers: tuple[str, ...] = ()
+    owns_payload: bool = False
+    extra: Mapping[str, Any] | None = None
+    demotion: bool = False
+    prefix: bytes | None = None
+    key: bytes | None = None
+    token: int | None = None
+    future: Future[SaveResult] = field(default_factory=Future)
+
+
+class MetaPort(Protocol):
+    """What a writer needs from the meta actor (each call is one message)."""
+
+    def reserve(
+        self,
+        key: bytes,
+        tier: str,
+        *,
+        namespace: Namespace,
+        tokens: bytes,
+        size: int,
+        reason: str,
+        writer: str,
+    ) -> int: ...
+
+    def set_temp_path(self, key: bytes, tier: str, token: int, path: Path) -> None: ...
+
+    def check_reservation(self, key: bytes, tier: str, token: int) -> None: ...
+
+    def mark_published(self, key: bytes, tier: str, token: int, path: Path) -> None: ...
+
+    def announce(
+        self,
+        key: bytes,
+        tier: str,
+        token: int,
+        *,
+        size: int,
+        path: Path | None,
+        checksum: int | None,
+        created_ns: int | None,
+    ) -> RowInfo: ...
+
+    def cancel(self, key: bytes, tier: str, token: int) -> None: ...
+
+    def adopt_file(self, tier: str, key: bytes, path: Path) -> RowInfo | None: ...
+
+    def store_ram(self, entry: RamEntry, tier: str) -> RowInfo: ...
+
+    def tier_kind(self, tier: str) -> str: ...
+
+
+def _payload_len(payload: Any) -> int:
+    view = getattr(payload, "view", None)
+    buf = view() if callable(view) else payload
+    return memoryview(buf).nbytes
+
+
+def _payload_buffer(payload: Any) -> Any:
+    view = getattr(payload, "view", None)
+    return view() if callable(view) else payload
+
+
+def run_save(
+    job: SaveJob,
+    *,
+    meta: MetaPort,
+    stores: Mapping[str, FileStore],
+    counters: Counters,
+    writer: str,
+) -> SaveResult:
+    """Run one save to completion (trying fallback tiers on `TierFullError`).
+
+    Raises:
+        CacheError: the save was refused or failed (``saves_dropped`` counted).
+    """
+    keep_payload = False
+    try:
+        if job.token is not None:
+            result = _save_file(job, job.tier, meta, stores[job.tier], writer)
+            _count(result, job, counters)
+            return result
+        last_error: CacheError | None = None
+        for tier in (job.tier, *job.fallback_tiers):
+            try:
+                if meta.tier_kind(tier) == "ram":
+                    result = _save_ram(job, tier, meta)
+                    keep_payload = result.status == "saved"
+                else:
+                    result = _save_file(job, tier, meta, stores[tier], writer)
+            except TierFullError as exc:
+                last_error = exc
+                continue
+            _count(result, job, counters)
+            return result
+        assert last_error is not None
+        raise last_error
+    except CacheError:
+        counters.incr("saves_dropped")
+        if job.demotion:
+            log.info("demotion of a %s row dropped: no tier had room", job.reason)
+        raise
+    except OSError as exc:
+        counters.incr("saves_dropped")
+        raise CacheError(f"save failed: {exc}") from exc
+    finally:
+        if job.owns_payload and not keep_payload:
+            release_payload(job.payload)
+
+
+def prepare_file_save(job: SaveJob) -> tuple[bytes, bytes, int]:
+    """Step 1 for a file tier: frame the row. Returns (prefix, key, file size)."""
+    buffer = _payload_buffer(job.payload)
+    prefix, key = kvc.build_prefix_encoded(
+        job.namespace, job.tokens, buffer, job.reason, extra=job.extra
+    )
+    return prefix, key, len(prefix) + memoryview(buffer).nbytes
+
+
+def _count(result: SaveResult, job: SaveJob, counters: Counters) -> None:
+    if result.status == "already_present":
+        counters.incr("duplicate_dropped")
+        return
+    if job.demotion:
+        counters.incr("demotions")
+    else:
+        counters.incr(SAVE_COUNTERS.get(job.reason, "saves_finish"))
+    if result.status == "adopted":
+        counters.incr("adoptions")
+
+
+def _save_ram(job: SaveJob, tier: str, meta: MetaPort) -> SaveResult:
+    key = make_key_encoded(job.namespace, job.tokens)
+    payload = job.payload
+    if not job.owns_payload and not isinstance(payload, bytes):
+        # A caller's mutable buffer: the RAM tier must own an immutable copy.
+        payload = bytes(memoryview(_payload_buffer(payload)).cast("B"))
+    size = _payload_len(payload)
+    entry = RamEntry(
+        key=key,
+        namespace=job.namespace,
+        tokens=job.tokens,
+        reason=job.reason,
+        created_ns=time.time_ns(),
+        checksum=payload_checksum(payload),
+        size=size,
+        payload=payload,
+    )
+    try:
+        info = meta.store_ram(entry, tier)
+    except ReservationError as exc:
+        if exc.reason == "already_present":
+            return SaveResult(key, tier, size, "already_present")
+        raise
+    if payload is not job.payload and job.owns_payload:
+        release_payload(job.payload)
+    return SaveResult(key, info.tier, info.size, "saved")
+
+
+def _save_file(
+    job: SaveJob, tier: str, meta: MetaPort, store: FileStore, writer: str
+) -> SaveResult:
+    buffer = _payload_buffer(job.payload)
+    if job.token is not None:
+        assert job.prefix is not None
+        assert job.key is not None
+        prefix, key, token = job.prefix, job.key, job.token
+        size = len(prefix) + memoryview(buffer).nbytes
+    else:
+        prefix, key, size = prepare_file_save(job)
+        try:
+            token = meta.reserve(
+                key,
+                tier,
+                namespace=job.namespace,
+                tokens=job.tokens,
+                size=size,
+                reason=job.reason,
+                writer=writer,
+            )
+        except ReservationError as exc:
+            if exc.reason == "already_present":
+                return SaveResult(key, tier, size, "already_present")
+            raise
+    temp = store.temp_path(key, writer, token)
+    published = False
+    try:
+        meta.set_temp_path(key, tier, token, temp)
+        store.write_temp(temp, prefix, buffer)
+        meta.check_reservation(key, tier, token)
+        final, final_size, adopted = store.link(temp, key)
+        published = True
+        header = kvc.parse_prefix(prefix)
+        meta.mark_published(key, tier, token, final)
+        meta.announce(
+            key,
+            tier,
+            token,
+            size=final_size,
+            path=final,
+            checksum=None if adopted else header.payload_checksum,
+            created_ns=None if adopted else header.created,
+        )
+        return SaveResult(key, tier, final_size, "adopted" if adopted else "saved")
+    except ReservationError:
+        if not published:
+            _remove(temp)
+            raise
+        # Our reservation was cleaned up after the link: the file is valid, adopt it.
+        info = meta.adopt_file(tier, key, store.final_path(key))
+        if info is None:
+            raise
+        return SaveResult(key, tier, info.size, "adopted")
+    except BaseException:
+        if not published:
+            _remove(temp)
+            meta.cancel(key, tier, token)
+        raise
+
+
+def _remove(path: Path) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
