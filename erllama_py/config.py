@@ -40,6 +40,7 @@ __all__ = [
     "check_tier_roots",
     "load_config",
     "parse_config",
+    "parse_model",
 ]
 
 TierKind = Literal["ram", "ram_file", "disk"]
@@ -157,6 +158,8 @@ class ModelSettings:
     restart: RestartSettings = field(
         default_factory=lambda: RestartSettings(DEFAULT_MODEL_INTENSITY, DEFAULT_MODEL_PERIOD_S)
     )
+    fingerprint: bytes | None = None
+    stub: Mapping[str, int | float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -432,7 +435,14 @@ def _policy(raw: object) -> PolicySettings:
     return PolicySettings(**values)
 
 
-def _model(raw: object, path: str, policy: PolicySettings, cache: CacheSettings) -> ModelSettings:
+def parse_model(
+    raw: object, path: str, policy: PolicySettings, cache: CacheSettings
+) -> ModelSettings:
+    """Validate one model entry (``models[i]`` of sys.yaml, or `load_model` options).
+
+    Raises:
+        ConfigError: naming the key path.
+    """
     s = _Section(raw, path)
     name = s.get_str("name", None)
     if name is None:
@@ -476,9 +486,45 @@ def _model(raw: object, path: str, policy: PolicySettings, cache: CacheSettings)
             s.key("restart"),
             RestartSettings(DEFAULT_MODEL_INTENSITY, DEFAULT_MODEL_PERIOD_S),
         ),
+        fingerprint=_fingerprint(s),
+        stub=_stub(s.get("stub"), s.key("stub")),
     )
     s.done()
     return settings
+
+
+def _fingerprint(s: _Section) -> bytes | None:
+    value = s.get("fingerprint")
+    if value is None:
+        return None
+    if isinstance(value, bytes) and len(value) == 32:
+        return value
+    if isinstance(value, str):
+        try:
+            raw = bytes.fromhex(value)
+        except ValueError:
+            raw = b""
+        if len(raw) == 32:
+            return raw
+    raise ConfigError(s.key("fingerprint"), f"must be 32 bytes or 64 hex digits, got {value!r}")
+
+
+_STUB_KEYS: dict[str, int | float] = {"n_vocab": 2, "eog_after": 1, "step_delay": 0.0, "n_swa": 0}
+
+
+def _stub(raw: object, path: str) -> dict[str, int | float]:
+    s = _Section(raw, path)
+    out: dict[str, int | float] = {}
+    for key, minimum in _STUB_KEYS.items():
+        if not s.has(key):
+            s.get(key)
+            continue
+        if isinstance(minimum, int):
+            out[key] = s.get_int(key, minimum, minimum=minimum)
+        else:
+            out[key] = s.get_float(key, minimum, minimum=minimum)
+    s.done()
+    return out
 
 
 def _pressure(raw: object) -> PressureSettings:
@@ -558,7 +604,9 @@ def parse_config(raw: Mapping[str, Any] | None) -> Config:
     cache = _cache(s.get("cache"))
     policy = _policy(s.get("policy"))
     models_raw = s.get_list("models")
-    models = tuple(_model(item, f"models[{i}]", policy, cache) for i, item in enumerate(models_raw))
+    models = tuple(
+        parse_model(item, f"models[{i}]", policy, cache) for i, item in enumerate(models_raw)
+    )
     seen: dict[str, int] = {}
     for i, model in enumerate(models):
         if model.name in seen:

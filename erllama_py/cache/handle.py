@@ -16,6 +16,7 @@ from typing import Any
 
 import pykka
 
+from erllama_py.cache import kvc
 from erllama_py.cache.counters import CounterSnapshot, TierStats
 from erllama_py.cache.key import Namespace, TokenInput, encode_tokens, make_key_encoded, prefix_keys
 from erllama_py.cache.meta_client import MetaClient
@@ -89,6 +90,9 @@ class CacheHandle:
             extra=extra,
         )
         if index.tier_settings(tier_name).kind == "ram":
+            # Refuse what a file tier would refuse (an unknown reason, a reserved extra key),
+            # so that every RAM row can later be demoted to a file tier.
+            kvc.build_prefix_encoded(namespace, b"", b"", reason, extra=extra)
             key = self._save_ram(job)
         else:
             key = submit_reserved(self.shared, job)
@@ -245,7 +249,7 @@ class CacheHandle:
             try:
                 payload = store.load(path, claim.key, allocate)
             except CacheFormatError as exc:
-                self._meta.tell("remove_corrupt", claim.key, claim.tier, exc.reason)
+                self.drop(claim, exc.reason)
                 self.shared.counters.incr("load_misses")
                 return None
             except FileNotFoundError:
@@ -280,6 +284,10 @@ class CacheHandle:
         """The stored payload object of a claimed RAM row (for zero-copy handoff), or None."""
         entry = self.shared.ram.get(claim.key)
         return None if entry is None else entry.payload
+
+    def drop(self, claim: Claim, reason: str) -> None:
+        """Remove a claimed row that turned out unusable (mailbox, without waiting)."""
+        self._meta.tell("remove_corrupt", claim.key, claim.tier, reason)
 
     def checkin(self, claim: Claim) -> None:
         """Release a claim's pin (mailbox, without waiting)."""

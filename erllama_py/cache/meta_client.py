@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pykka
+from pykka.messages import ProxyCall
 
 from erllama_py.cache.ramstore import RamEntry
 from erllama_py.cache.rows import RowInfo
@@ -34,21 +35,28 @@ class MetaClient:
         self.shared = shared
         self.timeout = timeout
 
-    def _proxy(self) -> Any:
+    def _ref(self) -> pykka.ActorRef[Any]:
         if self.shared.stopped:
             raise RuntimeStoppedError("the cache has been stopped")
-        try:
-            ref = self.shared.registry.wait_for(META_NAME, self.timeout)
-        except Exception as exc:
-            raise RuntimeStoppedError("the cache's meta actor is not running") from exc
+        ref = self.shared.registry.whereis(META_NAME)
+        if ref is None:
+            try:
+                ref = self.shared.registry.wait_for(META_NAME, self.timeout)
+            except Exception as exc:
+                raise RuntimeStoppedError("the cache's meta actor is not running") from exc
         assert isinstance(ref, pykka.ActorRef)
-        return ref.proxy()
+        return ref
 
     def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
-        """Call a meta actor method and wait for its answer (one retry across a restart)."""
+        """Call a meta actor method and wait for its answer (one retry across a restart).
+
+        Sends Pykka's proxy-call message directly: building a proxy per call
+        costs more than the call itself.
+        """
+        message = ProxyCall(attr_path=(method,), args=args, kwargs=kwargs)
         for attempt in (1, 2):
             try:
-                return getattr(self._proxy(), method)(*args, **kwargs).get(timeout=self.timeout)
+                return self._ref().ask(message, block=True, timeout=self.timeout)
             except pykka.ActorDeadError:
                 if attempt == 2:
                     raise RuntimeStoppedError("the cache's meta actor stopped") from None
@@ -57,7 +65,7 @@ class MetaClient:
     def tell(self, method: str, *args: Any, **kwargs: Any) -> None:
         """Call without waiting for the answer (fire and forget)."""
         with contextlib.suppress(pykka.ActorDeadError, RuntimeStoppedError):
-            getattr(self._proxy(), method).defer(*args, **kwargs)
+            self._ref().tell(ProxyCall(attr_path=(method,), args=args, kwargs=kwargs))
 
     def reserve(self, key: bytes, tier: str, **kwargs: Any) -> int:
         return int(self.call("reserve", key, tier, **kwargs))

@@ -11,6 +11,7 @@ loads read entries from any thread.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -37,7 +38,9 @@ def release_payload(payload: Any) -> None:
     """Close a payload that owns resources (shared memory); plain bytes need nothing."""
     close = getattr(payload, "close", None)
     if callable(close):
-        close()
+        # A reader still holding a view keeps the memory alive; it goes with the last view.
+        with contextlib.suppress(BufferError):
+            close()
 
 
 @dataclass(frozen=True)

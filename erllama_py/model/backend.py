@@ -1,0 +1,420 @@
+"""The in-worker inference backend protocol and its value types.
+
+A context worker process owns one :class:`Backend` (llama.cpp's
+:class:`~erllama_py.model.llama_backend.LlamaBackend`, or the deterministic
+:class:`~erllama_py.model.stub_backend.StubBackend`) and executes the
+runtime's commands on it. Methods are coarse so that one IPC round trip per
+scheduler tick suffices: :meth:`Backend.step` runs every sequence's prefill
+slice and decode of a tick in one ``llama_decode``.
+
+Sequences (``seq`` in ``[0, n_seq_max)``) are KV-cache slots. Each has a
+length (its next position) and, after a prefill or decode, *current logits*:
+the distribution of its next token. A :class:`Decode` samples from them, so a
+sequence without logits cannot be decoded (``InvalidRequestError``, checked
+before llama.cpp is called).
+
+Value types are frozen dataclasses or named tuples of plain values, so that
+they can be framed with msgpack/JSON by the worker protocol.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, NamedTuple, Protocol, runtime_checkable
+
+import numpy as np
+
+from erllama_py.errors import InvalidRequestError
+from erllama_py.model.statebuf import StateBuffer
+
+__all__ = [
+    "PENALTY_WINDOW",
+    "Backend",
+    "Decode",
+    "Generate",
+    "ModelInfo",
+    "Op",
+    "Prefill",
+    "Sampled",
+    "SamplerConfig",
+    "StepResult",
+    "validate_messages",
+    "validate_seq",
+    "validate_tokens",
+]
+
+PENALTY_WINDOW = 64
+"""Tokens of context the repetition penalty looks at (llama-cpp-python's default)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ModelInfo:
+    """What a loaded model and its context are; JSON-serialisable via :meth:`to_dict`.
+
+    ``n_ctx`` is the per-sequence limit: positions are ``< n_ctx``. ``n_batch``
+    is the most tokens one step may carry, ``n_ubatch`` llama.cpp's physical
+    batch (it changes numerics, not state layout). ``kv_size`` is the number of
+    KV cells of the context: with a unified KV cache all sequences share them
+    (the sum of sequence lengths stays ``<= kv_size``).
+
+    ``fingerprint`` (32 bytes) identifies the GGUF file cheaply but soundly:
+    ``sha256(b"erllama-gguf-fp-v1" || u64le(file size) || file[0:data_offset]
+    || first MiB || last MiB)`` where ``data_offset`` is where the tensor data
+    starts (so the whole header, metadata and tensor table are covered); with
+    ``full_fingerprint`` it is ``sha256(b"erllama-gguf-full-v1" || file)``.
+
+    ``ctx_params`` holds the context parameters a saved sequence state
+    depends on (see the backend's docs for which matter, as measured).
+    """
+
+    backend: str
+    name: str
+    description: str
+    architecture: str
+    quant: str
+    file_size: int
+    fingerprint: bytes
+    n_vocab: int
+    n_ctx: int
+    n_batch: int
+    n_ubatch: int
+    n_seq_max: int
+    kv_size: int
+    n_swa: int
+    n_ctx_train: int
+    n_embd: int
+    bos: int | None
+    add_bos: bool
+    eos: int | None
+    eog: tuple[int, ...]
+    add_space_prefix: bool
+    chat_template: str | None
+    chat_template_fallback: str | None
+    ctx_params: Mapping[str, Any] = field(default_factory=dict)
+    path: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-serialisable dict (``fingerprint`` as hex, tuples as lists)."""
+        d = asdict(self)
+        d["fingerprint"] = self.fingerprint.hex()
+        d["eog"] = list(self.eog)
+        d["ctx_params"] = dict(self.ctx_params)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> ModelInfo:
+        """Inverse of :meth:`to_dict`."""
+        kw = dict(d)
+        kw["fingerprint"] = bytes.fromhex(kw["fingerprint"])
+        kw["eog"] = tuple(kw["eog"])
+        return cls(**kw)
+
+
+def _bad(param: str, msg: str) -> InvalidRequestError:
+    return InvalidRequestError(f"{param}: {msg}", param=param)
+
+
+@dataclass(frozen=True, slots=True)
+class SamplerConfig:
+    """Sampling parameters of one request; validated on construction.
+
+    Chain order is fixed: grammar -> repetition penalty -> top-k -> top-p ->
+    min-p -> temperature -> pick. ``temperature <= 0`` picks greedily (and
+    top-k/top-p/min-p, which never drop the most likely token, are skipped);
+    otherwise the pick is a seeded draw keyed on ``(seed, position)``.
+    ``repeat_penalty`` looks at the last :data:`PENALTY_WINDOW` tokens of the
+    sequence's context. ``grammar`` is GBNF text whose start rule is ``root``;
+    ``json_schema`` (JSON text) is compiled to such a grammar. Raises
+    :class:`InvalidRequestError` naming the bad field.
+    """
+
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repeat_penalty: float = 1.0
+    seed: int = 0
+    grammar: str | None = None
+    json_schema: str | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("temperature", "top_p", "min_p", "repeat_penalty"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
+                raise _bad(name, f"must be a finite number, got {v!r}")
+        for name in ("top_k", "seed"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise _bad(name, f"must be an integer, got {v!r}")
+        if self.temperature < 0:
+            raise _bad("temperature", f"must be >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise _bad("top_k", f"must be >= 0, got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise _bad("top_p", f"must be in (0, 1], got {self.top_p}")
+        if not 0 <= self.min_p <= 1:
+            raise _bad("min_p", f"must be in [0, 1], got {self.min_p}")
+        if self.repeat_penalty <= 0:
+            raise _bad("repeat_penalty", f"must be > 0, got {self.repeat_penalty}")
+        if not 0 <= self.seed < 2**64:
+            raise _bad("seed", f"must be in [0, 2**64), got {self.seed}")
+        if self.grammar is not None:
+            if not isinstance(self.grammar, str) or not self.grammar.strip():
+                raise _bad("grammar", "must be non-empty GBNF text")
+            if "\x00" in self.grammar:
+                raise _bad("grammar", "must not contain NUL")
+        if self.json_schema is not None:
+            if self.grammar is not None:
+                raise _bad("json_schema", "give either grammar or json_schema, not both")
+            if not isinstance(self.json_schema, str):
+                raise _bad("json_schema", "must be JSON text (use from_dict for a mapping)")
+            try:
+                json.loads(self.json_schema)
+            except ValueError as e:
+                raise _bad("json_schema", f"is not valid JSON: {e}") from e
+
+    @property
+    def greedy(self) -> bool:
+        """True when the pick is the argmax (``temperature <= 0``)."""
+        return self.temperature <= 0
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fields as a plain dict."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> SamplerConfig:
+        """Build from a mapping; unknown keys raise, a mapping ``json_schema`` is encoded."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise _bad(unknown[0], "unknown sampler option")
+        kw = dict(d)
+        schema = kw.get("json_schema")
+        if isinstance(schema, Mapping):
+            kw["json_schema"] = json.dumps(schema)
+        return cls(**kw)
+
+
+@dataclass(frozen=True, slots=True)
+class Prefill:
+    """Append ``tokens`` to ``seq`` at its next positions.
+
+    Logits are requested for the last token only and become the sequence's
+    current logits. Its result is ``None``.
+    """
+
+    seq: int
+    tokens: Sequence[int]
+
+
+@dataclass(frozen=True, slots=True)
+class Decode:
+    """Sample a token for ``seq`` from its current logits with ``sampler``, then decode it.
+
+    When :meth:`Backend.step` returns, the token is in the KV cache and the
+    sequence's logits are those after it; an end-of-generation token is
+    reported (``eog=True``) but not decoded, and the logits stay. Its result
+    is a :class:`Sampled`.
+    """
+
+    seq: int
+    sampler: int
+
+
+@dataclass(frozen=True, slots=True)
+class Generate:
+    """Decode ``pending`` (the token sampled last time, if any), then sample the next one.
+
+    This is how the runtime generates: a sampled token is decoded only when
+    generation goes on, so the first token after a prefill or a restore costs
+    no decode (it is sampled from the current logits) and the last token of a
+    request is never decoded. With ``pending``, the token goes into this
+    step's batch and the next token is sampled from the logits after it (at
+    position ``seq_len``); without, the token is sampled from the current
+    logits. Its result is a :class:`Sampled`; an end-of-generation token is
+    only reported.
+    """
+
+    seq: int
+    sampler: int
+    pending: int | None = None
+
+
+Op = Prefill | Decode | Generate
+
+
+class Sampled(NamedTuple):
+    """The result of a :class:`Decode`: the token, and whether it ends generation."""
+
+    token: int
+    eog: bool
+
+
+StepResult = Sampled | None
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """What a context worker runs. Implementations: llama.cpp and a stub.
+
+    Every method raises :class:`~erllama_py.errors.InvalidRequestError` for bad
+    arguments (unknown sequence or sampler, token id outside the vocabulary,
+    ...) before touching the model, and
+    :class:`~erllama_py.errors.ContextOverflowError` when positions would
+    reach ``n_ctx`` (or a unified KV cache would overflow).
+    """
+
+    @property
+    def info(self) -> ModelInfo:
+        """The model and context description."""
+        ...
+
+    def tokenize(
+        self, text: str, add_special: bool = True, parse_special: bool = False
+    ) -> list[int]:
+        """Token ids of ``text``; ``add_special`` adds BOS (if the model wants it),
+        ``parse_special`` turns the text of special tokens into those tokens."""
+        ...
+
+    def detokenize(self, tokens: Sequence[int], special: bool = False) -> bytes:
+        """The concatenated pieces of ``tokens`` as bytes (may end inside a UTF-8
+        character); special tokens render empty unless ``special``."""
+        ...
+
+    def token_piece(self, token: int, special: bool = False) -> bytes:
+        """The bytes of one token (``detokenize([t])``)."""
+        ...
+
+    def apply_chat_template(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        add_generation_prompt: bool = True,
+        template: str | None = None,
+    ) -> str:
+        """Render chat ``messages`` (``{"role": str, "content": str}``) to a prompt."""
+        ...
+
+    def new_sampler(
+        self, cfg: SamplerConfig | Mapping[str, Any], history: Sequence[int] = ()
+    ) -> int:
+        """Create a sampler (a mapping goes through :meth:`SamplerConfig.from_dict`);
+        ``history`` (the sequence's context so far, prompt included) primes the
+        repetition penalty window. Returns its id."""
+        ...
+
+    def prime_sampler(self, sampler: int, tokens: Sequence[int]) -> None:
+        """Feed ``tokens`` to the sampler's repetition-penalty window only."""
+        ...
+
+    def free_sampler(self, sampler: int) -> None:
+        """Free a sampler (idempotent for ids this backend issued)."""
+        ...
+
+    def step(self, ops: Sequence[Op]) -> list[StepResult]:
+        """Run one tick: every op in one batch; results in op order."""
+        ...
+
+    def seq_len(self, seq: int) -> int:
+        """Number of positions held by ``seq`` (its next position)."""
+        ...
+
+    def seq_pos_min(self, seq: int) -> int:
+        """Smallest position still held in the KV cache (-1 if empty)."""
+        ...
+
+    def has_logits(self, seq: int) -> bool:
+        """Whether ``seq`` has current logits (a :class:`Decode` is allowed)."""
+        ...
+
+    def clear_seq(self, seq: int) -> None:
+        """Drop every position of ``seq`` and its logits."""
+        ...
+
+    def truncate(self, seq: int, n: int) -> bool:
+        """Keep positions ``[0, n)``; False (and nothing changed) if that state
+        cannot be produced exactly. Afterwards the seq has no logits, unless
+        ``n`` equals its length."""
+        ...
+
+    def pack(self, seq: int, allow_no_logits: bool = False) -> StateBuffer:
+        """Save ``seq`` (state + last logits) into a new :class:`StateBuffer`."""
+        ...
+
+    def unpack(self, seq: int, buf: StateBuffer | memoryview | bytes | bytearray) -> int:
+        """Replace ``seq`` with a packed state; returns the tokens restored."""
+        ...
+
+    def embed(self, tokens: Sequence[int]) -> list[float]:
+        """A pooled embedding of ``tokens``."""
+        ...
+
+    def close(self) -> None:
+        """Free everything (idempotent)."""
+        ...
+
+
+def validate_tokens(tokens: Sequence[int], n_vocab: int, allow_empty: bool = False) -> np.ndarray:
+    """Check a token list (vectorised) and return it as an int64 array.
+
+    Raises :class:`InvalidRequestError` (``param="tokens"``) for an empty list
+    (unless ``allow_empty``), non-integers, or an id outside ``[0, n_vocab)``:
+    such ids abort or crash llama.cpp, so they never reach it.
+    """
+    try:
+        arr = np.asarray(tokens)
+    except (TypeError, ValueError) as e:
+        raise InvalidRequestError(f"tokens must be a list of ints: {e}", param="tokens") from e
+    if arr.size == 0:
+        if allow_empty:
+            return np.zeros(0, dtype=np.int64)
+        raise InvalidRequestError("tokens must not be empty", param="tokens")
+    if arr.ndim != 1 or arr.dtype.kind not in "iu":
+        raise InvalidRequestError("tokens must be a flat list of ints", param="tokens")
+    lo, hi = int(arr.min()), int(arr.max())
+    if lo < 0 or hi >= n_vocab:
+        bad = lo if lo < 0 else hi
+        raise InvalidRequestError(
+            f"token id {bad} is outside the vocabulary [0, {n_vocab})", param="tokens"
+        )
+    return arr.astype(np.int64, copy=False)
+
+
+def validate_seq(seq: int, n_seq_max: int) -> int:
+    """Check a sequence id; raises :class:`InvalidRequestError` (``param="seq"``)."""
+    if isinstance(seq, bool) or not isinstance(seq, int) or not 0 <= seq < n_seq_max:
+        raise InvalidRequestError(
+            f"seq must be an int in [0, {n_seq_max}), got {seq!r}", param="seq"
+        )
+    return seq
+
+
+def validate_messages(messages: Sequence[Mapping[str, Any]]) -> list[tuple[str, str]]:
+    """Check chat messages and return ``(role, content)`` pairs.
+
+    Each message needs a non-empty string ``role`` and a string ``content``
+    (content blocks are refused) without NUL; raises
+    :class:`InvalidRequestError` (``param="messages"``).
+    """
+    raw: object = messages
+    if isinstance(raw, str | bytes) or not isinstance(raw, Sequence) or not raw:
+        raise InvalidRequestError("messages must be a non-empty list", param="messages")
+    out = []
+    for i, m in enumerate(raw):
+        if not isinstance(m, Mapping):
+            raise InvalidRequestError(f"messages[{i}] must be an object", param="messages")
+        role, content = m.get("role"), m.get("content")
+        if not isinstance(role, str) or not role:
+            raise InvalidRequestError(f"messages[{i}].role must be a string", param="messages")
+        if not isinstance(content, str):
+            raise InvalidRequestError(
+                f"messages[{i}].content must be a string (content blocks are not supported)",
+                param="messages",
+            )
+        if "\x00" in role or "\x00" in content:
+            raise InvalidRequestError(f"messages[{i}] contains NUL", param="messages")
+        out.append((role, content))
+    return out

@@ -1,0 +1,278 @@
+"""How a model actor uses the cache: resolve a prompt on admission, restore, save.
+
+On admission (spec 5.4, extended): the exact key of the prompt; then the
+``parent_key`` (waiting a bounded time for its save to land); then the row
+sharing the longest common prefix (the cache's token trie); then cold. A
+restored row longer than the usable prefix is cut back to it (still
+token-exact), when the model's KV layout allows it.
+
+Payloads never pass through Python bytes: a RAM row's shared buffer is handed
+to the worker by descriptor, a file row is read straight into a fresh shared
+buffer, which is then promoted to RAM by reference.
+
+In deterministic mode only rows computed by prefill (reason ``cold``) are
+restored, prefix hits are cut to a multiple of ``n_batch``, and the cold path
+saves at the last ``n_batch`` boundary too, so that every hit continues
+exactly as a cold run of the same prompt.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from typing import Any
+
+from erllama_py.cache.key import encode_tokens
+from erllama_py.cache.policy import cold_save_split
+from erllama_py.cache.rows import Claim, RowInfo
+from erllama_py.errors import CacheError, CacheFormatError, InvalidRequestError
+from erllama_py.model.client import WorkerClient
+from erllama_py.model.request import Request
+from erllama_py.model.shared import ModelShared
+from erllama_py.model.statebuf import StateBuffer
+
+__all__ = ["CachePath"]
+
+log = logging.getLogger("erllama_py.model")
+
+
+class CachePath:
+    """Cache operations of one model actor (runs in the actor's thread)."""
+
+    def __init__(self, shared: ModelShared, client: WorkerClient) -> None:
+        self.shared = shared
+        self.client = client
+        self.cache = shared.cache
+        self.counters = shared.cache.shared.counters
+        self.namespace = shared.namespace()
+
+    # ------------------------------------------------------------------ admission
+
+    def resolve(self, r: Request) -> None:
+        """Restore the best cached state for `r`'s prompt into its sequence, or go cold.
+
+        Sets the request's context, cursor, logits flag, cache kind and prefix
+        length, and its save points. Raises `WorkerCrashedError` if the
+        worker dies meanwhile.
+        """
+        started = time.perf_counter()
+        try:
+            if self._exact(r) or self._parent(r) or self._prefix(r):
+                return
+            self._cold(r)
+        finally:
+            r.t_restore_ms = round((time.perf_counter() - started) * 1000.0, 3)
+            self.shared.obs.last_cache_hit = {
+                "kind": r.cache_kind,
+                "prefix_len": r.cache_prefix_len,
+            }
+
+    def _allowed(self, info: RowInfo) -> bool:
+        return not self.shared.deterministic or info.reason == "cold"
+
+    def _exact(self, r: Request) -> bool:
+        key = self.cache.key(self.namespace, r.prompt)
+        info = self.cache.lookup_key(key)
+        if info is None or not self._allowed(info):
+            return False
+        if not self._restore(r, key, len(r.prompt)):
+            return False
+        self._warm(r, "exact", len(r.prompt))
+        self.counters.incr("hits_exact")
+        return True
+
+    def _parent(self, r: Request) -> bool:
+        parent = r.options.parent_key
+        if parent is None:
+            return False
+        wait_s = self.shared.policy.session_resume_wait_ms / 1000.0
+        info = self.cache.lookup_exact_or_wait(parent, wait_s)
+        if info is None or not 0 < info.n_tokens <= len(r.prompt) or not self._allowed(info):
+            return False
+        prefix = encode_tokens(r.prompt[: info.n_tokens])
+        if not self._restore(r, parent, info.n_tokens, must_equal=prefix):
+            return False
+        self._warm(r, "parent", info.n_tokens)
+        self.counters.incr("hits_resume")
+        return True
+
+    def _prefix(self, r: Request) -> bool:
+        n = len(r.prompt)
+        hit = self.cache.longest_prefix(self.namespace, r.prompt)
+        if hit is None:
+            return False
+        floor = max(1, self.shared.policy.min_tokens or 1)
+        n_batch = self.shared.info.n_batch
+        candidates: list[tuple[int, RowInfo]] = []
+        if hit.covered is not None and hit.covered.n_tokens < n:
+            candidates.append((hit.covered.n_tokens, hit.covered))
+        if hit.common is not None:
+            candidates.append((min(hit.common_len, n - 1), hit.common))
+        for common, info in sorted(candidates, key=lambda c: -c[0]):
+            usable = common - common % n_batch if self.shared.deterministic else common
+            if usable < floor or not self._allowed(info):
+                continue
+            cut = usable if usable < info.n_tokens else None
+            if self._restore(r, info.key, info.n_tokens, cut=cut):
+                self._warm(r, "prefix", usable)
+                self.counters.incr("hits_prefix")
+                return True
+        return False
+
+    def _warm(self, r: Request, kind: str, restored: int) -> None:
+        r.cache_kind = kind  # type: ignore[assignment]
+        r.cache_prefix_len = restored
+        r.context = list(r.prompt[:restored])
+        r.cursor = list(r.prompt[restored:])
+        # A whole-prompt restore carries its logits; a partial one gets them from the prefill.
+        r.has_logits = True
+        r.last_save_at = restored
+        n = len(r.prompt)
+        policy = self.shared.policy
+        if r.cursor and policy.saves_enabled and n - restored >= (policy.min_tokens or 0):
+            r.end_save_at = n
+
+    def _cold(self, r: Request) -> None:
+        assert r.seq is not None
+        self.client.clear_seq(r.seq)
+        self.counters.incr("misses")
+        r.cache_kind = "cold"
+        r.cache_prefix_len = 0
+        r.context = []
+        r.cursor = list(r.prompt)
+        r.has_logits = False
+        n = len(r.prompt)
+        policy = self.shared.policy
+        if not policy.saves_enabled:
+            return
+        if self.shared.deterministic:
+            n_batch = self.shared.info.n_batch
+            aligned = n - n % n_batch
+            if aligned >= max(1, policy.min_tokens or 0) and aligned < n:
+                r.cold_save_at = aligned
+        else:
+            r.cold_save_at = cold_save_split(n, policy)
+        if r.cold_save_at != n and n >= (policy.min_tokens or 0) and n >= policy.cold_min_tokens:
+            r.end_save_at = n
+
+    # ------------------------------------------------------------------ restore
+
+    def _restore(
+        self,
+        r: Request,
+        key: bytes,
+        n_tokens: int,
+        *,
+        cut: int | None = None,
+        must_equal: bytes | None = None,
+    ) -> bool:
+        """Claim, load, unpack into `r`'s sequence, check in; cut back to `cut` tokens."""
+        assert r.seq is not None
+        claim = self.cache.claim(key)
+        if claim is None:
+            return False
+        owned: StateBuffer | None = None
+        try:
+            if claim.n_tokens != n_tokens or (
+                must_equal is not None and claim.tokens != must_equal
+            ):
+                return False
+            buffer, owned = self._payload(claim)
+            if buffer is None:
+                return False
+            try:
+                restored = self.client.unpack(r.seq, buffer)
+            except CacheFormatError as exc:
+                log.warning("row %s does not restore (%s); dropping it", key.hex(), exc.reason)
+                self.cache.drop(claim, exc.reason)
+                return False
+            if restored != claim.n_tokens or (
+                cut is not None and not self.client.truncate(r.seq, cut)
+            ):
+                self.client.clear_seq(r.seq)
+                return False
+            if owned is not None and claim.kind != "ram":
+                self.cache.promote(claim, owned, owns_payload=True)
+                owned = None
+            return True
+        finally:
+            self.cache.checkin(claim)
+            if owned is not None:
+                with contextlib.suppress(BufferError):
+                    owned.close()
+
+    def _payload(self, claim: Claim) -> tuple[StateBuffer | None, StateBuffer | None]:
+        """The shared buffer to hand to the worker, and the one we own (to close or promote)."""
+        if claim.kind == "ram":
+            view = self.cache.load(claim)  # verifies the checksum; no copy
+            if view is None:
+                return None, None
+            stored: Any = self.cache.ram_payload(claim)
+            if isinstance(stored, StateBuffer) and not stored.closed:
+                return stored, None
+            copy = StateBuffer.create(view.nbytes)
+            copy.view()[: view.nbytes] = view
+            return copy, copy
+        holder: list[StateBuffer] = []
+
+        def allocate(size: int) -> memoryview:
+            holder.append(StateBuffer.create(size))
+            return holder[0].view()
+
+        try:
+            loaded = self.cache.load(claim, allocate, promote=False)
+        except OSError:
+            loaded = None
+        if loaded is None:
+            for buffer in holder:
+                buffer.close()
+            return None, None
+        del loaded
+        return holder[0], holder[0]
+
+    # ------------------------------------------------------------------ save
+
+    def save(self, r: Request, reason: str) -> bytes | None:
+        """Pack `r`'s sequence and queue its save; returns the key, or None if refused."""
+        assert r.seq is not None
+        if not r.context or not r.has_logits:
+            return None
+        key = self.cache.key(self.namespace, r.context)
+        if self.cache.lookup_key(key) is not None:
+            # Already saved (an exact hit that generated one token, a repeated prompt):
+            # packing megabytes only to be told "already present" would stall the model.
+            self.counters.incr("duplicate_dropped")
+            r.last_save_at = len(r.context)
+            return key
+        started = time.perf_counter_ns()
+        try:
+            buffer = self.client.pack(r.seq)
+        except InvalidRequestError as exc:  # no logits yet (a restore was just cut back)
+            log.debug("%s save skipped: %s", reason, exc)
+            return None
+        self.counters.incr("pack_total_ns", time.perf_counter_ns() - started)
+        try:
+            ticket = self.cache.save_async(
+                self.namespace,
+                r.context,
+                buffer,
+                tier=self.shared.tier,
+                reason=reason,
+                owns_payload=True,
+                extra={"model": self.shared.name},
+            )
+        except CacheError as exc:
+            log.info("%s save of %s dropped: %s", reason, self.shared.name, exc)
+            with contextlib.suppress(BufferError):
+                buffer.close()
+            return None
+        ticket.future.add_done_callback(_log_failure)
+        r.last_save_at = len(r.context)
+        return ticket.key
+
+
+def _log_failure(future: Any) -> None:
+    exc = future.exception()
+    if exc is not None:
+        log.info("cache save failed: %s", exc)

@@ -1,0 +1,1293 @@
+"""The llama.cpp backend: one model, one context, many sequences.
+
+Only llama-cpp-python's low-level ctypes module (``import llama_cpp``) is
+used, wrapped in small typed helpers; never its ``Llama`` class.
+
+Context layout
+--------------
+``n_ctx`` is the per-sequence limit (positions ``< n_ctx``). By default
+(``kv_unified=False``) llama.cpp gives every sequence its own KV stream of
+``kv_size / n_seq_max`` cells, and the context is created with
+``kv_size = n_ctx * n_seq_max`` cells, so each sequence can hold ``n_ctx``
+positions whatever the others hold.
+
+That is also what makes results exact. Measured on gemma-3-270m: with a
+unified cache (one pool shared by all sequences) the logits of a sequence
+depend on where its cells sit among other sequences' cells: prefilling the
+same 80 tokens while another sequence held cells changed the logits by up to
+0.59, and decoding from the same restored state at another place by up to
+1.17 (a flipped near-tie is then a different generation). With one stream
+per sequence both were bit-identical, so a restored state or a resumed
+generation computes exactly what the original did. (Decoding several
+sequences in one batch still differs from decoding them alone: llama.cpp's
+kernels depend on the batch size.)
+
+``kv_unified=True`` remains available: every sequence then draws cells from
+one pool of ``kv_size`` cells (default ``n_ctx``), so one sequence can grow to
+``n_ctx`` but the sum of all sequence lengths stays ``<= kv_size`` (checked
+before llama.cpp runs: :class:`ContextOverflowError`), and states restore into
+contexts with any ``n_seq_max``.
+
+What a saved sequence state depends on (measured with this llama.cpp):
+
+- it restores into any sequence of a context with the same stream layout:
+  with one stream per sequence the same ``n_seq_max`` (``n_stream mismatch``
+  otherwise), with a unified cache any ``n_seq_max``; ``n_ctx`` may differ
+  as long as the state fits;
+- unified and per-sequence caches do not mix (``n_stream mismatch``);
+- flash attention changes the V layout (``incompatible V transposition``);
+- ``type_k`` / ``type_v`` change the row format;
+- a state saved without ``swa_full`` restores into a context with it.
+
+:attr:`ModelInfo.ctx_params` holds exactly these: ``type_k``, ``type_v``,
+``flash_attn``, ``kv_unified``, ``n_stream`` (``n_seq_max`` when not unified,
+else 1) and ``swa_full`` (kept because it changes the size of the state).
+
+Sliding-window attention (gemma-3: ``n_swa`` 512)
+-------------------------------------------------
+The KV cache is then two caches (iSWA). The SWA one keeps only the last
+``n_swa`` positions of a sequence that it still needs, and the per-sequence
+state saves only those, so a restored sequence of length ``n`` holds its SWA
+cells from about ``n - n_swa``; ``llama_memory_seq_pos_min`` (which reports the
+SWA cache) says where they start and ``llama_memory_seq_pos_max`` where they end.
+Cutting a sequence back to ``n`` positions is only exact if the SWA cells still
+cover the window that ends at ``n``; llama-server's test,
+``pos_min > max(0, n - n_swa)`` means data is missing, is what :meth:`truncate`
+uses (it returns False and changes nothing). Without the test llama.cpp
+happily removes the cells and leaves a silently wrong state. ``swa_full``
+keeps every SWA cell (states 2-3x larger at 2,000 tokens) and lifts the limit;
+it defaults to False here, llama.cpp's own default being True. Note too that a
+sequence cut back below ``pos_min`` of its SWA cache reports ``pos_max == -1``
+though its full-attention cells remain: this backend tracks lengths itself.
+
+Logits and sampling
+-------------------
+A sequence's current logits are either a row of the context's output buffer
+(after the decode that produced them) or an owned float32 copy (after an
+unpack, or when a later decode of other sequences would overwrite the
+buffer: they are copied out just before that decode). Sampling from an
+output row without a grammar goes through llama.cpp's ``llama_sampler_sample``;
+from a copy, or with a grammar, through a ``llama_token_data_array`` built
+with numpy over a preallocated array and the same chain. Both apply the same
+samplers in the same order, so identical logits give identical tokens.
+
+The chain is penalties -> top-k -> top-p -> min-p -> temperature -> pick,
+with the grammar sampler kept out of the chain and applied first by hand: a
+grammar can leave no allowed token, and llama.cpp then picks a token of
+probability zero and aborts the process in ``llama_sampler_accept``; checking
+between the two steps turns that into :class:`InvalidRequestError`. The pick is
+``greedy`` or ``dist``; ``dist`` is replaced before every draw by one seeded
+with :func:`~erllama_py.model.sampling.draw_seed` of (seed, position).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import math
+import os
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Concatenate, ParamSpec, TypeVar, cast
+
+import llama_cpp as _L
+import numpy as np
+from llama_cpp.llama_grammar import json_schema_to_gbnf
+
+from erllama_py.errors import (
+    CacheFormatError,
+    ConfigError,
+    ContextOverflowError,
+    InvalidRequestError,
+    ModelError,
+    ModelLoadError,
+)
+from erllama_py.model import llama_log
+from erllama_py.model.backend import (
+    PENALTY_WINDOW,
+    Decode,
+    Generate,
+    ModelInfo,
+    Op,
+    Prefill,
+    Sampled,
+    SamplerConfig,
+    StepResult,
+    validate_messages,
+    validate_seq,
+    validate_tokens,
+)
+from erllama_py.model.sampling import draw_seed
+from erllama_py.model.statebuf import (
+    FLAG_LOGITS,
+    HEADER_SIZE,
+    KIND_LLAMA,
+    StateBuffer,
+    StateHeader,
+    buffer_address,
+    encode_header,
+    logits_of,
+    parse_header,
+)
+
+__all__ = [
+    "CHAT_FALLBACKS",
+    "FINGERPRINT_EDGE",
+    "KV_TYPES",
+    "LlamaBackend",
+    "fingerprint_gguf",
+    "grammar_text",
+    "quant_name",
+]
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+FINGERPRINT_EDGE = 1 << 20
+"""Bytes hashed from each end of the file by the default fingerprint."""
+
+KV_TYPES: Mapping[str, int] = {
+    "f32": 0,
+    "f16": 1,
+    "q4_0": 2,
+    "q4_1": 3,
+    "q5_0": 6,
+    "q5_1": 7,
+    "q8_0": 8,
+    "bf16": 30,
+}
+"""KV cache element types accepted by ``type_k`` / ``type_v`` (ggml type ids)."""
+
+CHAT_FALLBACKS: Mapping[str, str] = {
+    "gemma": "gemma",
+    "gemma2": "gemma",
+    "gemma3": "gemma",
+    "gemma3n": "gemma",
+    "qwen2": "chatml",
+    "qwen3": "chatml",
+    "phi3": "phi3",
+    "llama": "llama3",
+}
+"""Built-in llama.cpp chat template used, by architecture, when a GGUF has none."""
+
+_FTYPES = {
+    0: "f32", 1: "f16", 2: "q4_0", 3: "q4_1", 7: "q8_0", 8: "q5_0", 9: "q5_1",
+    10: "q2_k", 11: "q3_k_s", 12: "q3_k_m", 13: "q3_k_l", 14: "q4_k_s", 15: "q4_k_m",
+    16: "q5_k_s", 17: "q5_k_m", 18: "q6_k", 19: "iq2_xxs", 20: "iq2_xs", 21: "q2_k_s",
+    22: "iq3_xs", 23: "iq3_xxs", 24: "iq1_s", 25: "iq4_nl", 26: "iq3_s", 27: "iq3_m",
+    28: "iq2_s", 29: "iq2_m", 30: "iq4_xs", 31: "iq1_m", 32: "bf16", 36: "tq1_0",
+    37: "tq2_0", 38: "mxfp4_moe", 39: "nvfp4", 40: "q1_0", 41: "q2_0",
+}  # fmt: skip
+_POOLING_MEAN = 1
+_MAX_TEMPLATE_BYTES = 4 << 20
+_TD = ctypes.sizeof(_L.llama_token_data)
+assert _TD == 12  # id:int32, logit:float32, p:float32 (the numpy view below relies on it)
+
+_init_lock = threading.Lock()
+_process: dict[str, bool] = {"backend_ready": False}
+
+
+def _ensure_backend() -> None:
+    with _init_lock:
+        llama_log.install()
+        if not _process["backend_ready"]:
+            _L.llama_backend_init()
+            _process["backend_ready"] = True
+
+
+def quant_name(file_type: int | None) -> str:
+    """``general.file_type`` as a short lower-case name (``15`` -> ``"q4_k_m"``)."""
+    if file_type is None:
+        return "unknown"
+    return _FTYPES.get(file_type, f"ftype{file_type}")
+
+
+class _GgufInitParams(ctypes.Structure):
+    _fields_ = [("no_alloc", ctypes.c_bool), ("ctx", ctypes.c_void_p)]
+
+
+def _gguf_data_offset(path: Path) -> int:
+    """Where the tensor data of a (valid) GGUF starts, via ggml's C GGUF parser.
+
+    The ``gguf`` package's reader takes about 11 s on gemma-3's 262k-token
+    vocabulary; the C parser takes about 25 ms.
+    """
+    lib = llama_log.ggml_base_library()
+    lib.gguf_init_from_file.restype = ctypes.c_void_p
+    lib.gguf_init_from_file.argtypes = [ctypes.c_char_p, _GgufInitParams]
+    lib.gguf_get_data_offset.restype = ctypes.c_size_t
+    lib.gguf_get_data_offset.argtypes = [ctypes.c_void_p]
+    lib.gguf_free.argtypes = [ctypes.c_void_p]
+    lib.gguf_free.restype = None
+    h = lib.gguf_init_from_file(os.fsencode(path), _GgufInitParams(True, None))
+    if not h:
+        raise ModelLoadError(f"{path}: cannot parse the GGUF header")
+    try:
+        return int(lib.gguf_get_data_offset(h))
+    finally:
+        lib.gguf_free(h)
+
+
+def fingerprint_gguf(path: str | Path, full: bool = False) -> bytes:
+    """The 32-byte identity of a GGUF file (see :class:`ModelInfo` for the definition).
+
+    Raises ``OSError`` if the file cannot be read and :class:`ModelLoadError`
+    if its header cannot be parsed.
+    """
+    p = Path(path)
+    h = hashlib.sha256()
+    if full:
+        h.update(b"erllama-gguf-full-v1")
+        with p.open("rb") as f:
+            while chunk := f.read(8 << 20):
+                h.update(chunk)
+        return h.digest()
+    size = p.stat().st_size
+    offset = _gguf_data_offset(p)
+    h.update(b"erllama-gguf-fp-v1")
+    h.update(size.to_bytes(8, "little"))
+    with p.open("rb") as f:
+        h.update(f.read(offset))
+        f.seek(0)
+        h.update(f.read(FINGERPRINT_EDGE))
+        f.seek(max(0, size - FINGERPRINT_EDGE))
+        h.update(f.read(FINGERPRINT_EDGE))
+    return h.digest()
+
+
+def grammar_text(cfg: SamplerConfig) -> str | None:
+    """The GBNF grammar of ``cfg``: its ``grammar``, or its ``json_schema`` compiled.
+
+    The compiler is llama-cpp-python's pure-Python
+    ``llama_cpp.llama_grammar.json_schema_to_gbnf`` (start rule ``root``).
+    Raises :class:`InvalidRequestError` for a schema it cannot compile.
+    """
+    if cfg.grammar is not None:
+        return cfg.grammar
+    if cfg.json_schema is None:
+        return None
+    try:
+        text = json_schema_to_gbnf(cfg.json_schema)
+    except Exception as e:  # the converter raises bare Exception/KeyError/... for bad schemas
+        raise InvalidRequestError(
+            f"json_schema: cannot compile to a grammar: {e}", param="json_schema"
+        ) from e
+    if not isinstance(text, str) or not text.strip():
+        raise InvalidRequestError("json_schema: compiled to an empty grammar", param="json_schema")
+    return text
+
+
+def _check_model_file(path: Path) -> int:
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        raise ModelLoadError(f"model file not found: {path}") from None
+    except OSError as e:
+        raise ModelLoadError(f"cannot access model file {path}: {e.strerror}") from e
+    if not path.is_file():
+        raise ModelLoadError(f"model path is not a regular file: {path}")
+    if st.st_size == 0:
+        raise ModelLoadError(f"model file is empty: {path}")
+    try:
+        with path.open("rb") as f:
+            magic = f.read(4)
+    except OSError as e:
+        raise ModelLoadError(f"cannot read model file {path}: {e.strerror}") from e
+    if magic != b"GGUF":
+        raise ModelLoadError(f"not a GGUF file (magic {magic!r}): {path}")
+    return st.st_size
+
+
+@dataclass(slots=True)
+class _Seq:
+    n: int = 0
+    row: int | None = None  # batch index of the last decode that produced our logits
+    logits: np.ndarray | None = None  # owned float32 copy
+
+    @property
+    def has_logits(self) -> bool:
+        return self.row is not None or self.logits is not None
+
+    def reset(self) -> None:
+        self.n = 0
+        self.row = None
+        self.logits = None
+
+
+@dataclass(slots=True)
+class _Chain:
+    ptr: Any  # llama_sampler* of the chain (penalties .. pick)
+    grammar: Any  # llama_sampler* of the grammar, kept out of the chain, or None
+    cfg: SamplerConfig
+    penalties_index: int | None
+    dist: bool
+
+
+_Method = Callable[Concatenate["LlamaBackend", P], R]
+
+
+def _api(fn: _Method[P, R]) -> _Method[P, R]:
+    """Serialise calls on one backend and refuse them after close()."""
+
+    @functools.wraps(fn)
+    def wrapper(self: LlamaBackend, /, *args: P.args, **kwargs: P.kwargs) -> R:
+        with self._lock:
+            if self._closed:
+                raise ModelError("the backend is closed", self._info.name)
+            return fn(self, *args, **kwargs)
+
+    return wrapper
+
+
+class LlamaBackend:
+    """A llama.cpp model and context serving several sequences; see the module doc.
+
+    Create with :meth:`load`. Calls are serialised by a lock; a backend is
+    meant to be driven by one worker loop.
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        ctx: Any,
+        *,
+        info: ModelInfo,
+        n_threads: int,
+        flash_attn: bool,
+    ) -> None:
+        """Take ownership of a loaded model and context; use :meth:`load`."""
+        self._model = model
+        self._ctx = ctx
+        self._info = info
+        self._vocab = _L.llama_model_get_vocab(model)
+        self._mem = _L.llama_get_memory(ctx)
+        self._n_threads = n_threads
+        self._flash_attn = flash_attn
+        self._lock = threading.RLock()
+        self._closed = False
+        self._nv = info.n_vocab
+        self._eog = frozenset(info.eog)
+        self._seqs = [_Seq() for _ in range(info.n_seq_max)]
+        self._samplers: dict[int, _Chain] = {}
+        self._next_sampler = 1
+        self._pieces: dict[int, bytes] = {}
+        self._pieces_special: dict[int, bytes] = {}
+        self._embed_ctx: Any = None
+
+        nb = info.n_batch
+        self._batch = _L.llama_batch_init(nb, 0, info.n_seq_max)
+        self._b_token = np.ctypeslib.as_array(self._batch.token, shape=(nb,))
+        self._b_pos = np.ctypeslib.as_array(self._batch.pos, shape=(nb,))
+        self._b_nseq = np.ctypeslib.as_array(self._batch.n_seq_id, shape=(nb,))
+        self._b_logits = np.ctypeslib.as_array(self._batch.logits, shape=(nb,))
+        # llama_batch_init allocates one seq_id array per token: no single numpy view.
+        self._b_sid = [self._batch.seq_id[i] for i in range(nb)]
+
+        # Reused llama_token_data array for sampling from a float buffer.
+        self._td = np.zeros((self._nv, 3), dtype=np.float32)
+        self._td_ids = self._td.view(np.int32)[:, 0]
+        self._ids = np.arange(self._nv, dtype=np.int32)
+        self._td_ptr: Any = ctypes.cast(self._td.ctypes.data, _L.llama_token_data_p)
+        self._cur = _L.llama_token_data_array()
+
+    # ------------------------------------------------------------------ load
+
+    @classmethod
+    def load(
+        cls,
+        model_path: str | os.PathLike[str],
+        n_ctx: int = 4096,
+        n_batch: int = 512,
+        n_seq_max: int = 4,
+        n_threads: int | None = None,
+        *,
+        n_ubatch: int | None = None,
+        kv_unified: bool = False,
+        kv_size: int | None = None,
+        swa_full: bool = False,
+        flash_attn: bool = True,
+        type_k: str = "f16",
+        type_v: str = "f16",
+        n_gpu_layers: int = 0,
+        chat_template_fallback: str | None = None,
+        full_fingerprint: bool = False,
+    ) -> LlamaBackend:
+        """Load a GGUF model and create its context.
+
+        ``n_ctx`` is the per-sequence position limit and ``n_batch`` the most
+        tokens one :meth:`step` may carry (``n_ubatch``, default ``n_batch``, is
+        llama.cpp's physical batch). ``kv_unified=False`` gives each of the
+        ``n_seq_max`` sequences its own KV stream of ``n_ctx`` cells;
+        ``kv_unified=True`` shares one pool of ``kv_size`` cells (default
+        ``n_ctx``) among them (see the module doc for the trade-off).
+        ``swa_full`` keeps every sliding-window cell (larger states, no
+        truncation limit). ``flash_attn``, ``type_k`` and ``type_v`` shape the KV
+        rows, so saved states only restore into contexts with the same values.
+        ``n_threads`` defaults to the CPUs this process may run on.
+        ``full_fingerprint`` hashes the whole file instead of its header and ends.
+        ``chat_template_fallback`` is the llama.cpp built-in template name (or
+        template text) used when the GGUF has no template; by default it is
+        chosen from the architecture (:data:`CHAT_FALLBACKS`). Raises
+        :class:`ModelLoadError` for a missing, empty, non-GGUF, truncated or
+        otherwise unloadable file (with llama.cpp's own error line), and
+        :class:`ConfigError` for invalid options. Some corrupt files make
+        llama.cpp abort the process instead (a vocabulary with a duplicate
+        token does): load untrusted files in a worker process.
+        """
+        path = Path(model_path)
+        _validate_options(
+            n_ctx=n_ctx,
+            n_batch=n_batch,
+            n_seq_max=n_seq_max,
+            n_threads=n_threads,
+            n_ubatch=n_ubatch,
+            kv_size=kv_size,
+            type_k=type_k,
+            type_v=type_v,
+        )
+        file_size = _check_model_file(path)
+        _ensure_backend()
+        threads = n_threads or max(1, len(os.sched_getaffinity(0)))
+        ubatch = n_ubatch or n_batch
+        if kv_size is None:
+            kv_size = n_ctx if kv_unified else n_ctx * n_seq_max
+
+        mp = _L.llama_model_default_params()
+        mp.n_gpu_layers = n_gpu_layers
+        with llama_log.capture() as cap:
+            model = _L.llama_model_load_from_file(os.fsencode(path), mp)
+        if not model:
+            why = cap.summary() or "llama.cpp refused the file"
+            raise ModelLoadError(f"cannot load {path}: {why}", path.stem)
+        ctx = None
+        try:
+            cp = _L.llama_context_default_params()
+            cp.n_ctx = kv_size
+            cp.n_batch = n_batch
+            cp.n_ubatch = ubatch
+            cp.n_seq_max = n_seq_max
+            cp.n_threads = threads
+            cp.n_threads_batch = threads
+            cp.swa_full = swa_full
+            cp.kv_unified = kv_unified
+            cp.flash_attn_type = 1 if flash_attn else 0
+            cp.type_k = KV_TYPES[type_k]
+            cp.type_v = KV_TYPES[type_v]
+            cp.no_perf = True
+            cp.embeddings = False
+            with llama_log.capture() as cap:
+                ctx = _L.llama_init_from_model(model, cp)
+            if not ctx:
+                why = cap.summary() or "llama_init_from_model returned NULL"
+                raise ModelLoadError(f"cannot create a context for {path}: {why}", path.stem)
+            # llama.cpp may lower n_batch (to the KV size, for one); use what it took.
+            n_batch = int(_L.llama_n_batch(ctx))
+            n_ctx_seq = int(_L.llama_n_ctx_seq(ctx))
+            if n_ctx_seq < n_ctx:
+                raise ConfigError(
+                    "kv_size", f"gives {n_ctx_seq} cells per sequence, fewer than n_ctx {n_ctx}"
+                )
+            info = _model_info(
+                model,
+                path,
+                file_size,
+                n_ctx=n_ctx,
+                n_batch=n_batch,
+                n_ubatch=int(_L.llama_n_ubatch(ctx)),
+                n_seq_max=n_seq_max,
+                kv_size=kv_size,
+                ctx_params={
+                    "type_k": type_k,
+                    "type_v": type_v,
+                    "flash_attn": flash_attn,
+                    "kv_unified": kv_unified,
+                    "n_stream": 1 if kv_unified else n_seq_max,
+                    "swa_full": swa_full,
+                },
+                fallback=chat_template_fallback,
+                full_fingerprint=full_fingerprint,
+            )
+        except BaseException:
+            if ctx:
+                _L.llama_free(ctx)
+            _L.llama_model_free(model)
+            raise
+        return cls(model, ctx, info=info, n_threads=threads, flash_attn=flash_attn)
+
+    @property
+    def info(self) -> ModelInfo:
+        """The model and context description."""
+        return self._info
+
+    # ------------------------------------------------------------ tokenizer
+
+    @_api
+    def tokenize(
+        self, text: str, add_special: bool = True, parse_special: bool = False
+    ) -> list[int]:
+        """Token ids of ``text``; raises InvalidRequestError for non-text input."""
+        if not isinstance(text, str):
+            raise InvalidRequestError("text must be a str", param="text")
+        try:
+            data = text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise InvalidRequestError(f"text is not valid Unicode: {e}", param="text") from e
+        cap = len(data) + 8
+        for _ in range(2):
+            arr = (_L.llama_token * cap)()
+            n = int(
+                _L.llama_tokenize(
+                    self._vocab, data, len(data), arr, cap, add_special, parse_special
+                )
+            )
+            if n >= 0:
+                return list(arr[:n])
+            if n == -(2**31):
+                break
+            cap = -n
+        raise InvalidRequestError("text is too long to tokenize", param="text")
+
+    def _piece(self, token: int, special: bool) -> bytes:
+        cache = self._pieces_special if special else self._pieces
+        p = cache.get(token)
+        if p is None:
+            buf = ctypes.create_string_buffer(64)
+            n = int(_L.llama_token_to_piece(self._vocab, token, buf, 64, 0, special))
+            if n < 0:
+                buf = ctypes.create_string_buffer(-n)
+                n = int(_L.llama_token_to_piece(self._vocab, token, buf, -n, 0, special))
+            p = buf.raw[: max(n, 0)]
+            cache[token] = p
+        return p
+
+    @_api
+    def detokenize(self, tokens: Sequence[int], special: bool = False) -> bytes:
+        """Concatenated token pieces; special tokens render empty unless ``special``.
+
+        Concatenation means ``detokenize(a + b) == detokenize(a) + detokenize(b)``;
+        for SPM vocabularies with ``add_space_prefix`` the text starts with the
+        space the tokenizer added.
+        """
+        arr = self._token_array(tokens, allow_empty=True)
+        return b"".join(self._piece(int(t), special) for t in arr)
+
+    @_api
+    def token_piece(self, token: int, special: bool = False) -> bytes:
+        """The bytes of one token."""
+        self._token_array([token])
+        return self._piece(int(token), special)
+
+    # ---------------------------------------------------------- chat template
+
+    @_api
+    def apply_chat_template(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        add_generation_prompt: bool = True,
+        template: str | None = None,
+    ) -> str:
+        """Render ``messages`` with ``template`` (a llama.cpp built-in name such as
+        ``"gemma"``, ``"chatml"``, ``"llama3"``, or template text), else the GGUF's
+        template, else the model's fallback.
+
+        llama.cpp does not run Jinja: it recognises a known template family
+        from the text. Raises InvalidRequestError for a message without a
+        string ``role``/``content``, for no usable template, or for a template
+        llama.cpp does not know.
+        """
+        msgs = validate_messages(messages)
+        tmpl = template or self._info.chat_template or self._info.chat_template_fallback
+        if not tmpl:
+            raise InvalidRequestError(
+                "the model has no chat template; pass template= (e.g. 'chatml')",
+                param="template",
+            )
+        arr = (_L.llama_chat_message * len(msgs))()
+        keep = []
+        for i, (role, content) in enumerate(msgs):
+            r, c = role.encode(), content.encode()
+            keep += [r, c]
+            arr[i].role = r
+            arr[i].content = c
+        tb = tmpl.encode()
+        size = max(1024, 2 * sum(len(b) for b in keep))
+        for _ in range(2):
+            buf = ctypes.create_string_buffer(size)
+            n = int(
+                _L.llama_chat_apply_template(tb, arr, len(msgs), add_generation_prompt, buf, size)
+            )
+            if n < 0:
+                raise InvalidRequestError(
+                    f"chat template not supported by llama.cpp: {tmpl[:60]!r}", param="template"
+                )
+            if n > _MAX_TEMPLATE_BYTES:
+                raise InvalidRequestError("rendered chat is larger than 4 MiB", param="messages")
+            if n <= size:
+                return buf.raw[:n].decode("utf-8", errors="replace")
+            size = n
+        raise ModelError("chat template rendering did not converge", self._info.name)
+
+    # --------------------------------------------------------------- samplers
+
+    @_api
+    def new_sampler(
+        self, cfg: SamplerConfig | Mapping[str, Any], history: Sequence[int] = ()
+    ) -> int:
+        """Create a sampler chain for ``cfg``; ``history`` primes its penalty window.
+
+        Raises InvalidRequestError for an invalid grammar or json_schema (the
+        GBNF parser's message is included) or invalid history token ids.
+        """
+        if isinstance(cfg, Mapping):
+            cfg = SamplerConfig.from_dict(cfg)
+        if not isinstance(cfg, SamplerConfig):
+            raise InvalidRequestError("cfg must be a SamplerConfig or a mapping", param="cfg")
+        hist = self._token_array(history, allow_empty=True)
+        gtext = grammar_text(cfg)
+        grammar = None
+        if gtext is not None:
+            with llama_log.capture() as cap, llama_log.capture_stderr() as err:
+                grammar = _L.llama_sampler_init_grammar(self._vocab, gtext.encode(), b"root")
+            if not grammar:
+                why = "; ".join(err.lines[:1] + cap.lines[:2]) or "the grammar does not parse"
+                param = "grammar" if cfg.grammar is not None else "json_schema"
+                raise InvalidRequestError(f"invalid grammar: {why}", param=param)
+        cparams = _L.llama_sampler_chain_default_params()
+        cparams.no_perf = True
+        chain = _L.llama_sampler_chain_init(cparams)
+        pen_idx = None
+        n = 0
+
+        def add(s: Any) -> None:
+            nonlocal n
+            _L.llama_sampler_chain_add(chain, s)
+            n += 1
+
+        if cfg.repeat_penalty != 1.0:
+            pen_idx = n
+            rp = cfg.repeat_penalty
+            add(_L.llama_sampler_init_penalties(self._nv, PENALTY_WINDOW, rp, 0.0, 0.0))
+        if cfg.greedy:
+            add(_L.llama_sampler_init_greedy())
+        else:
+            if cfg.top_k > 0:
+                add(_L.llama_sampler_init_top_k(cfg.top_k))
+            if cfg.top_p < 1.0:
+                add(_L.llama_sampler_init_top_p(cfg.top_p, 1))
+            if cfg.min_p > 0.0:
+                add(_L.llama_sampler_init_min_p(cfg.min_p, 1))
+            add(_L.llama_sampler_init_temp(cfg.temperature))
+            add(_L.llama_sampler_init_dist(draw_seed(cfg.seed, 0)))
+        sid = self._next_sampler
+        self._next_sampler += 1
+        self._samplers[sid] = _Chain(chain, grammar, cfg, pen_idx, not cfg.greedy)
+        self._prime(self._samplers[sid], hist)
+        return sid
+
+    def _prime(self, ch: _Chain, tokens: np.ndarray) -> None:
+        if ch.penalties_index is None or len(tokens) == 0:
+            return
+        pen = _L.llama_sampler_chain_get(ch.ptr, ch.penalties_index)
+        for t in tokens[-PENALTY_WINDOW:]:
+            _L.llama_sampler_accept(pen, int(t))
+
+    @_api
+    def prime_sampler(self, sampler: int, tokens: Sequence[int]) -> None:
+        """Feed ``tokens`` (the last 64 count) to the sampler's penalty window only."""
+        self._prime(self._chain(sampler), self._token_array(tokens, allow_empty=True))
+
+    @_api
+    def free_sampler(self, sampler: int) -> None:
+        """Free a sampler; freeing an id twice is a no-op, an id never issued raises."""
+        ch = self._samplers.pop(sampler, None)
+        if ch is None:
+            if not isinstance(sampler, int) or not 0 < sampler < self._next_sampler:
+                raise InvalidRequestError(f"unknown sampler {sampler!r}", param="sampler")
+            return
+        _free_chain(ch)
+
+    @property
+    def n_samplers(self) -> int:
+        """Number of live samplers (for leak checks)."""
+        return len(self._samplers)
+
+    def _chain(self, sampler: int) -> _Chain:
+        ch = self._samplers.get(sampler)
+        if ch is None:
+            raise InvalidRequestError(f"unknown sampler {sampler!r}", param="sampler")
+        return ch
+
+    def _sample(self, ch: _Chain, st: _Seq) -> int:
+        if ch.dist:
+            last = int(_L.llama_sampler_chain_n(ch.ptr)) - 1
+            _L.llama_sampler_free(_L.llama_sampler_chain_remove(ch.ptr, last))
+            dist = _L.llama_sampler_init_dist(draw_seed(ch.cfg.seed, st.n))
+            _L.llama_sampler_chain_add(ch.ptr, dist)
+        if st.row is not None and ch.grammar is None:
+            return int(_L.llama_sampler_sample(ch.ptr, self._ctx, st.row))
+        logits = st.logits if st.logits is not None else self._row_view(st.row)
+        return self._sample_array(ch, logits)
+
+    def _sample_array(self, ch: _Chain, logits: np.ndarray) -> int:
+        """``llama_sampler_sample`` on a float buffer, with a grammar check."""
+        td = self._td
+        self._td_ids[:] = self._ids
+        td[:, 1] = logits
+        td[:, 2] = 0.0
+        cur = self._cur
+        cur.data = self._td_ptr
+        cur.size = self._nv
+        cur.selected = -1
+        cur.sorted = False
+        if ch.grammar is not None:
+            _L.llama_sampler_apply(ch.grammar, ctypes.byref(cur))
+            # The grammar sampler edits logits in place without moving the data.
+            if not np.isfinite(td[:, 1]).any():
+                raise InvalidRequestError(
+                    "the grammar allows no token at this point", param="grammar"
+                )
+        _L.llama_sampler_apply(ch.ptr, ctypes.byref(cur))
+        sel = int(cur.selected)
+        if not 0 <= sel < int(cur.size):
+            raise ModelError(f"sampler selected no token ({sel})", self._info.name)
+        picked = cur.data[sel]
+        token = int(picked.id)
+        if ch.grammar is not None and not math.isfinite(float(picked.logit)):
+            raise InvalidRequestError("the grammar allows no token at this point", param="grammar")
+        if ch.grammar is not None:
+            _L.llama_sampler_accept(ch.grammar, token)
+        _L.llama_sampler_accept(ch.ptr, token)
+        return token
+
+    @_api
+    def sample_logits(self, sampler: int, logits: np.ndarray, pos: int) -> int:
+        """Sample from an arbitrary float32 logits array as if at position ``pos``.
+
+        Advances the sampler exactly as a :class:`Decode` would. For tests and
+        tools (the numpy path); a step never needs it.
+        """
+        arr = np.ascontiguousarray(logits, dtype=np.float32)
+        if arr.shape != (self._nv,):
+            raise InvalidRequestError(f"logits must have shape ({self._nv},)", param="logits")
+        return self._sample(self._chain(sampler), _Seq(n=pos, logits=arr))
+
+    # ---------------------------------------------------------- sequences
+
+    def _seq(self, seq: int) -> _Seq:
+        return self._seqs[validate_seq(seq, len(self._seqs))]
+
+    def _token_array(self, tokens: Sequence[int], allow_empty: bool = False) -> np.ndarray:
+        return validate_tokens(tokens, self._nv, allow_empty)
+
+    def _row_view(self, row: int | None) -> np.ndarray:
+        ptr = _L.llama_get_logits_ith(self._ctx, row)
+        if not ptr:
+            raise ModelError(f"llama.cpp has no logits for batch row {row}", self._info.name)
+        return np.ctypeslib.as_array(ptr, shape=(self._nv,))
+
+    def _used_cells(self) -> int:
+        return sum(s.n for s in self._seqs)
+
+    @_api
+    def seq_len(self, seq: int) -> int:
+        """Positions held by ``seq``."""
+        return self._seq(seq).n
+
+    @_api
+    def seq_pos_min(self, seq: int) -> int:
+        """``llama_memory_seq_pos_min``: first position still in the (SWA) cache, or -1."""
+        self._seq(seq)
+        return int(_L.llama_memory_seq_pos_min(self._mem, seq))
+
+    @_api
+    def has_logits(self, seq: int) -> bool:
+        """Whether ``seq`` can be decoded now."""
+        return self._seq(seq).has_logits
+
+    @_api
+    def clear_seq(self, seq: int) -> None:
+        """Remove every cell of ``seq`` and forget its logits."""
+        self._seq(seq)
+        self._clear(seq)
+
+    def _clear(self, seq: int) -> None:
+        _L.llama_memory_seq_rm(self._mem, seq, -1, -1)
+        self._seqs[seq].reset()
+
+    @_api
+    def truncate(self, seq: int, n: int) -> bool:
+        """Keep positions ``[0, n)`` of ``seq``.
+
+        Returns False, changing nothing, when the sliding-window cells needed
+        after the cut are gone (see the module doc) or llama.cpp refuses.
+        Raises InvalidRequestError if ``n`` is negative or beyond the length.
+        """
+        st = self._seq(seq)
+        if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= st.n:
+            raise InvalidRequestError(f"n must be in [0, {st.n}], got {n!r}", param="n")
+        if n == st.n:
+            return True
+        if n == 0:
+            self._clear(seq)
+            return True
+        n_swa = self._info.n_swa
+        if n_swa > 0:
+            pos_min = int(_L.llama_memory_seq_pos_min(self._mem, seq))
+            if pos_min > max(0, n - n_swa):
+                return False
+        if not _L.llama_memory_seq_rm(self._mem, seq, n, -1):
+            return False
+        st.n = n
+        st.row = None
+        st.logits = None
+        return True
+
+    # ------------------------------------------------------------------ step
+
+    @_api
+    def step(self, ops: Sequence[Op]) -> list[StepResult]:
+        """Run ``ops`` in one ``llama_decode``; see :class:`Prefill` and :class:`Decode`.
+
+        Everything is validated first (seq ids, no seq twice, known samplers,
+        token ids, logits present for decodes, positions ``< n_ctx``, the batch
+        ``<= n_batch``, free KV cells), raising InvalidRequestError or
+        ContextOverflowError with nothing changed. Then decode ops sample, in
+        op order, and one batch is decoded. If llama.cpp fails the decode
+        (ModelError), the samplers of the decode ops have already advanced and
+        the sequences in the batch lose their logits: fail those requests.
+        """
+        plan: list[tuple[Op, _Seq, np.ndarray | None, _Chain | None]] = []
+        seen: set[int] = set()
+        total = 0
+        n_ctx = self._info.n_ctx
+        for op in cast(Sequence[object], ops):
+            if isinstance(op, Prefill):
+                st = self._seq(op.seq)
+                toks = self._token_array(op.tokens)
+                if st.n + len(toks) >= n_ctx:
+                    raise ContextOverflowError(
+                        f"seq {op.seq}: {st.n} + {len(toks)} tokens leave no room in n_ctx {n_ctx}",
+                        self._info.name,
+                    )
+                total += len(toks)
+                plan.append((op, st, toks, None))
+            elif isinstance(op, Generate):
+                st = self._seq(op.seq)
+                ch = self._chain(op.sampler)
+                if op.pending is None:
+                    if not st.has_logits:
+                        raise InvalidRequestError(
+                            f"seq {op.seq} has no logits to sample from (prefill it first)",
+                            param="seq",
+                        )
+                    plan.append((op, st, None, ch))
+                else:
+                    toks = self._token_array([op.pending])
+                    if st.n + 1 >= n_ctx:
+                        raise ContextOverflowError(
+                            f"seq {op.seq} is full ({st.n} of n_ctx {n_ctx})", self._info.name
+                        )
+                    total += 1
+                    plan.append((op, st, toks, ch))
+            elif isinstance(op, Decode):
+                st = self._seq(op.seq)
+                ch = self._chain(op.sampler)
+                if not st.has_logits:
+                    raise InvalidRequestError(
+                        f"seq {op.seq} has no logits to sample from (prefill it first)",
+                        param="seq",
+                    )
+                if st.n >= n_ctx:
+                    raise ContextOverflowError(
+                        f"seq {op.seq} is full ({st.n} of n_ctx {n_ctx})", self._info.name
+                    )
+                total += 1
+                plan.append((op, st, None, ch))
+            else:
+                raise InvalidRequestError(f"unknown op {op!r}", param="ops")
+            if op.seq in seen:
+                raise InvalidRequestError(f"seq {op.seq} appears twice in one step", param="ops")
+            seen.add(op.seq)
+        if total > self._info.n_batch:
+            raise InvalidRequestError(
+                f"{total} tokens exceed n_batch {self._info.n_batch}", param="ops"
+            )
+        if self._used_cells() + total > self._info.kv_size:
+            used, size = self._used_cells(), self._info.kv_size
+            raise ContextOverflowError(
+                f"the KV cache is full ({used} + {total} > {size} cells)", self._info.name
+            )
+
+        results: list[StepResult] = []
+        rows: list[tuple[int, int, int]] = []  # (seq, tokens added, batch row of its logits)
+        after: list[tuple[int, _Seq, _Chain]] = []  # Generate ops that sample after the decode
+        sid = self._b_sid
+        k = 0
+        for op, st, arr, chain in plan:
+            if isinstance(op, Generate):
+                assert chain is not None
+                if arr is None:
+                    token = self._sample(chain, st)
+                    results.append(Sampled(token, token in self._eog))
+                    continue
+                self._b_token[k] = arr[0]
+                self._b_pos[k] = st.n
+                sid[k][0] = op.seq
+                rows.append((op.seq, 1, k))
+                k += 1
+                after.append((len(results), st, chain))
+                results.append(None)
+                continue
+            if arr is not None:
+                n = len(arr)
+                self._b_token[k : k + n] = arr
+                self._b_pos[k : k + n] = np.arange(st.n, st.n + n, dtype=np.int32)
+                for j in range(k, k + n):
+                    sid[j][0] = op.seq
+                rows.append((op.seq, n, k + n - 1))
+                k += n
+                results.append(None)
+            else:
+                assert chain is not None
+                token = self._sample(chain, st)
+                eog = token in self._eog
+                results.append(Sampled(token, eog))
+                if not eog:
+                    self._b_token[k] = token
+                    self._b_pos[k] = st.n
+                    sid[k][0] = op.seq
+                    rows.append((op.seq, 1, k))
+                    k += 1
+        if k == 0:
+            return results
+        self._b_nseq[:k] = 1
+        self._b_logits[:k] = 0
+        self._b_logits[[r for _, _, r in rows]] = 1
+        self._batch.n_tokens = k
+
+        # Rows of the previous decode are overwritten now: copy out the logits of
+        # sequences that keep them (not in this batch, or sampled EOG).
+        fresh = {seq for seq, _, _ in rows}
+        for seq, st in enumerate(self._seqs):
+            if st.row is not None and seq not in fresh:
+                st.logits = self._row_view(st.row).copy()
+                st.row = None
+        for seq in fresh:
+            self._seqs[seq].row = None
+            self._seqs[seq].logits = None
+
+        rc = int(_L.llama_decode(self._ctx, self._batch))
+        if rc != 0:
+            if rc != 1:  # 1 = no KV slot, memory restored; otherwise ubatches done stay
+                for seq in fresh:
+                    self._seqs[seq].n = int(_L.llama_memory_seq_pos_max(self._mem, seq)) + 1
+            raise ModelError(f"llama_decode failed with status {rc}", self._info.name)
+        for seq, n, row in rows:
+            self._seqs[seq].n += n
+            self._seqs[seq].row = row
+        for i, st, chain in after:
+            token = self._sample(chain, st)
+            results[i] = Sampled(token, token in self._eog)
+        return results
+
+    # ------------------------------------------------------------ pack/unpack
+
+    @_api
+    def pack(self, seq: int, allow_no_logits: bool = False) -> StateBuffer:
+        """Save ``seq`` into a new sealed :class:`StateBuffer` (format in statebuf).
+
+        The logits of the last position are stored with the state so that a
+        restore samples from exactly them. A sequence without logits (after a
+        truncate, or empty) raises InvalidRequestError unless
+        ``allow_no_logits``, which writes no logits section: such a state needs
+        a prefill after unpack before it can be decoded. The state bytes are
+        written by ``llama_state_seq_get_data`` straight into the mapping.
+        """
+        st = self._seq(seq)
+        if not st.has_logits and not allow_no_logits:
+            raise InvalidRequestError(
+                f"seq {seq} has no logits to save (pass allow_no_logits=True)", param="seq"
+            )
+        state_len = int(_L.llama_state_seq_get_size(self._ctx, seq))
+        has = st.has_logits
+        h = StateHeader(
+            kind=KIND_LLAMA,
+            n_tokens=st.n,
+            n_vocab=self._nv,
+            logits_len=4 * self._nv if has else 0,
+            state_len=state_len,
+            flags=FLAG_LOGITS if has else 0,
+        )
+        buf = StateBuffer.create(h.total_size)
+        try:
+            view = buf.view()
+            view[:HEADER_SIZE] = encode_header(h)
+            if has:
+                src = st.logits if st.logits is not None else self._row_view(st.row)
+                ctypes.memmove(buf.address + HEADER_SIZE, src.ctypes.data, h.logits_len)
+            dst = ctypes.cast(buf.address + h.state_offset, ctypes.POINTER(ctypes.c_uint8))
+            with llama_log.capture() as cap:
+                written = int(_L.llama_state_seq_get_data(self._ctx, dst, state_len, seq))
+            if written != state_len:
+                raise ModelError(
+                    f"llama_state_seq_get_data wrote {written} of {state_len} bytes"
+                    f"{': ' + cap.summary() if cap.lines else ''}",
+                    self._info.name,
+                )
+            buf.seal()
+        except BaseException:
+            buf.close()
+            raise
+        return buf
+
+    @_api
+    def unpack(self, seq: int, buf: StateBuffer | memoryview | bytes | bytearray) -> int:
+        """Replace ``seq`` with a packed state and its stored logits; returns its length.
+
+        The sequence is cleared first. ``llama_state_seq_set_data`` reads the
+        state straight from ``buf``; the logits (4 * n_vocab bytes) are copied,
+        so ``buf`` may be closed as soon as this returns. Raises
+        CacheFormatError for a malformed buffer (strict header), another kind,
+        another vocabulary size, a state llama.cpp rejects (``unpack_failed``,
+        with its reason, e.g. a context with other ``ctx_params``) or restored
+        positions that are not ``0..n-1`` (``state_mismatch``); the sequence is
+        then left empty, never partial. ContextOverflowError if it cannot fit.
+        """
+        self._seq(seq)
+        if isinstance(buf, StateBuffer):
+            data: memoryview = buf.view()
+        else:
+            data = memoryview(buf).cast("B")
+        h = parse_header(data)
+        if h.kind != KIND_LLAMA:
+            raise CacheFormatError("bad_kind", f"kind {h.kind} is not a llama.cpp state")
+        if h.n_vocab != self._nv:
+            raise CacheFormatError("vocab_mismatch", f"n_vocab {h.n_vocab}, model has {self._nv}")
+        if h.n_tokens > self._info.n_ctx:
+            raise ContextOverflowError(
+                f"state of {h.n_tokens} tokens exceeds n_ctx {self._info.n_ctx}", self._info.name
+            )
+        if self._used_cells() - self._seqs[seq].n + h.n_tokens > self._info.kv_size:
+            raise ContextOverflowError("the KV cache has no room for this state", self._info.name)
+        logits = logits_of(data, h).copy() if h.has_logits else None
+        addr, keep = buffer_address(buf if isinstance(buf, StateBuffer) else data)
+        self._clear(seq)
+        src = ctypes.cast(addr + h.state_offset, ctypes.POINTER(ctypes.c_uint8))
+        with llama_log.capture() as cap:
+            read = int(_L.llama_state_seq_set_data(self._ctx, src, h.state_len, seq))
+        del keep
+        if read != h.state_len:
+            self._clear(seq)
+            raise CacheFormatError(
+                "unpack_failed",
+                f"llama_state_seq_set_data read {read} of {h.state_len} bytes"
+                f"{': ' + cap.summary() if cap.lines else ''}",
+            )
+        n = h.n_tokens
+        pos_min = int(_L.llama_memory_seq_pos_min(self._mem, seq))
+        pos_max = int(_L.llama_memory_seq_pos_max(self._mem, seq))
+        n_swa = self._info.n_swa
+        want_min = max(0, n - n_swa) if n_swa > 0 else 0
+        ok = (pos_max == -1) if n == 0 else (pos_max == n - 1 and 0 <= pos_min <= want_min)
+        if not ok:
+            self._clear(seq)
+            raise CacheFormatError(
+                "state_mismatch",
+                f"restored positions {pos_min}..{pos_max}, header says {n} tokens",
+            )
+        st = self._seqs[seq]
+        st.n = n
+        st.row = None
+        st.logits = logits
+        return n
+
+    # ------------------------------------------------------------------ embed
+
+    @_api
+    def embed(self, tokens: Sequence[int]) -> list[float]:
+        """Mean-pooled last-layer embedding of ``tokens`` (``n_embd`` floats).
+
+        Runs in a second, small context (created on first use, ``n_batch``
+        cells, embeddings on, mean pooling) so that it never touches the
+        sequences of the main one. At most ``n_batch`` tokens.
+        """
+        toks = self._token_array(tokens)
+        nb = self._info.n_batch
+        if len(toks) > nb:
+            raise InvalidRequestError(f"{len(toks)} tokens exceed n_batch {nb}", param="tokens")
+        if self._embed_ctx is None:
+            cp = _L.llama_context_default_params()
+            cp.n_ctx = nb
+            cp.n_batch = nb
+            cp.n_ubatch = nb
+            cp.n_seq_max = 1
+            cp.n_threads = self._n_threads
+            cp.n_threads_batch = self._n_threads
+            cp.embeddings = True
+            cp.pooling_type = _POOLING_MEAN
+            cp.flash_attn_type = 1 if self._flash_attn else 0
+            cp.no_perf = True
+            with llama_log.capture() as cap:
+                ectx = _L.llama_init_from_model(self._model, cp)
+            if not ectx:
+                raise ModelError(f"cannot create an embedding context: {cap.summary()}")
+            self._embed_ctx = ectx
+        ectx = self._embed_ctx
+        _L.llama_memory_clear(_L.llama_get_memory(ectx), True)
+        n = len(toks)
+        self._b_token[:n] = toks
+        self._b_pos[:n] = np.arange(n, dtype=np.int32)
+        self._b_nseq[:n] = 1
+        self._b_logits[:n] = 1
+        for j in range(n):
+            self._b_sid[j][0] = 0
+        self._batch.n_tokens = n
+        rc = int(_L.llama_decode(ectx, self._batch))
+        if rc != 0:
+            raise ModelError(f"embedding decode failed with status {rc}", self._info.name)
+        ptr = _L.llama_get_embeddings_seq(ectx, 0)
+        if not ptr:
+            ptr = _L.llama_get_embeddings_ith(ectx, -1)
+        if not ptr:
+            raise ModelError("llama.cpp returned no embedding", self._info.name)
+        n_embd = self._info.n_embd
+        return [float(x) for x in np.ctypeslib.as_array(ptr, shape=(n_embd,))]
+
+    # ------------------------------------------------------------------ close
+
+    def close(self) -> None:
+        """Free samplers, batch, contexts and model (idempotent)."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            for ch in self._samplers.values():
+                _free_chain(ch)
+            self._samplers.clear()
+            _L.llama_batch_free(self._batch)
+            if self._embed_ctx is not None:
+                _L.llama_free(self._embed_ctx)
+                self._embed_ctx = None
+            _L.llama_free(self._ctx)
+            _L.llama_model_free(self._model)
+            self._seqs = []
+
+    def __enter__(self) -> LlamaBackend:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _free_chain(ch: _Chain) -> None:
+    _L.llama_sampler_free(ch.ptr)
+    if ch.grammar is not None:
+        _L.llama_sampler_free(ch.grammar)
+
+
+def _validate_options(
+    *,
+    n_ctx: int,
+    n_batch: int,
+    n_seq_max: int,
+    n_threads: int | None,
+    n_ubatch: int | None,
+    kv_size: int | None,
+    type_k: str,
+    type_v: str,
+) -> None:
+    def pos_int(key: str, v: object) -> None:
+        if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+            raise ConfigError(key, f"must be a positive integer, got {v!r}")
+
+    pos_int("n_ctx", n_ctx)
+    pos_int("n_batch", n_batch)
+    pos_int("n_seq_max", n_seq_max)
+    if n_threads is not None:
+        pos_int("n_threads", n_threads)
+    if n_ubatch is not None:
+        pos_int("n_ubatch", n_ubatch)
+        if n_ubatch > n_batch:
+            raise ConfigError("n_ubatch", f"must be <= n_batch {n_batch}, got {n_ubatch}")
+    if kv_size is not None:
+        pos_int("kv_size", kv_size)
+    max_seq = int(_L.llama_max_parallel_sequences())
+    if n_seq_max > max_seq:
+        raise ConfigError("n_seq_max", f"must be <= {max_seq}, got {n_seq_max}")
+    for key, t in (("type_k", type_k), ("type_v", type_v)):
+        if t not in KV_TYPES:
+            raise ConfigError(key, f"must be one of {sorted(KV_TYPES)}, got {t!r}")
+
+
+def _meta(model: Any, key: str) -> str | None:
+    buf = ctypes.create_string_buffer(256)
+    n = int(_L.llama_model_meta_val_str(model, key.encode(), buf, 256))
+    if n < 0:
+        return None
+    if n >= 256:
+        buf = ctypes.create_string_buffer(n + 1)
+        _L.llama_model_meta_val_str(model, key.encode(), buf, n + 1)
+    return buf.value.decode("utf-8", errors="replace")
+
+
+def _model_info(
+    model: Any,
+    path: Path,
+    file_size: int,
+    *,
+    n_ctx: int,
+    n_batch: int,
+    n_ubatch: int,
+    n_seq_max: int,
+    kv_size: int,
+    ctx_params: dict[str, Any],
+    fallback: str | None,
+    full_fingerprint: bool,
+) -> ModelInfo:
+    vocab = _L.llama_model_get_vocab(model)
+    n_vocab = int(_L.llama_vocab_n_tokens(vocab))
+    bos = int(_L.llama_vocab_bos(vocab))
+    eos = int(_L.llama_vocab_eos(vocab))
+    eog = tuple(t for t in range(n_vocab) if _L.llama_vocab_is_eog(vocab, t))
+    arch = _meta(model, "general.architecture") or "unknown"
+    ftype = _meta(model, "general.file_type")
+    desc = ctypes.create_string_buffer(256)
+    _L.llama_model_desc(model, desc, 256)
+    tmpl_raw = _L.llama_model_chat_template(model, None)
+    tmpl = tmpl_raw.decode("utf-8", errors="replace") if tmpl_raw else None
+    # Whether the tokenizer puts a space before the text: "a" comes back as " a".
+    probe = (_L.llama_token * 8)()
+    n = int(_L.llama_tokenize(vocab, b"a", 1, probe, 8, False, False))
+    piece = ctypes.create_string_buffer(16)
+    m = int(_L.llama_token_to_piece(vocab, probe[0], piece, 16, 0, False)) if n > 0 else 0
+    add_space_prefix = piece.raw[: max(m, 0)].startswith(b" ")
+    return ModelInfo(
+        backend="llama",
+        name=_meta(model, "general.name") or path.stem,
+        description=desc.value.decode("utf-8", errors="replace"),
+        architecture=arch,
+        quant=quant_name(int(ftype) if ftype and ftype.isdigit() else None),
+        file_size=file_size,
+        fingerprint=fingerprint_gguf(path, full=full_fingerprint),
+        n_vocab=n_vocab,
+        n_ctx=n_ctx,
+        n_batch=n_batch,
+        n_ubatch=n_ubatch,
+        n_seq_max=n_seq_max,
+        kv_size=kv_size,
+        n_swa=int(_L.llama_model_n_swa(model)),
+        n_ctx_train=int(_L.llama_model_n_ctx_train(model)),
+        n_embd=int(_L.llama_model_n_embd(model)),
+        bos=bos if bos >= 0 else None,
+        add_bos=bool(_L.llama_vocab_get_add_bos(vocab)),
+        eos=eos if eos >= 0 else None,
+        eog=eog,
+        add_space_prefix=add_space_prefix,
+        chat_template=tmpl,
+        chat_template_fallback=fallback or CHAT_FALLBACKS.get(arch),
+        ctx_params=ctx_params,
+        path=str(path),
+    )
