@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -31,9 +31,9 @@ __all__ = [
     "Config",
     "DaemonSettings",
     "ModelSettings",
-    "PolicySettings",
     "PressureSettings",
     "RestartSettings",
+    "SavePolicy",
     "ServerSettings",
     "TierKind",
     "TierSettings",
@@ -41,6 +41,7 @@ __all__ = [
     "load_config",
     "parse_config",
     "parse_model",
+    "validate_policy",
 ]
 
 TierKind = Literal["ram", "ram_file", "disk"]
@@ -85,6 +86,102 @@ def _cache_dir() -> Path:
 
 
 @dataclass(frozen=True)
+class SavePolicy:
+    """A validated save policy; construction checks every rule.
+
+    Raises:
+        ConfigError: a field breaks a rule; the key is ``policy.<field>``
+            (use :func:`validate_policy` for another key path).
+    """
+
+    min_tokens: int | None = 512  # tokens; floor of every gated save; None = never save
+    cold_min_tokens: int = 512  # tokens; shortest prompt that gets a cold save
+    cold_max_tokens: int = 30000  # tokens; longest prompt that gets a cold save
+    continued_interval: int = 2048  # tokens generated between continued saves
+    boundary_trim_tokens: int = 32  # tokens dropped from a cold save's tail before aligning
+    boundary_align_tokens: int = 2048  # tokens; cold-save alignment and longest-prefix stride
+    session_resume_wait_ms: int = 500  # ms to wait for an in-flight save of a parent key
+
+    def __post_init__(self) -> None:
+        _check_values({f.name: getattr(self, f.name) for f in fields(self)}, "policy")
+
+    @property
+    def saves_enabled(self) -> bool:
+        """False when ``min_tokens`` is None: no gated save ever fires."""
+        return self.min_tokens is not None
+
+
+_FIELD_NAMES = tuple(f.name for f in fields(SavePolicy))
+# The smallest value each field accepts; None is also accepted where listed.
+_MINIMUMS = {
+    "min_tokens": 0,
+    "cold_min_tokens": 0,
+    "cold_max_tokens": 0,
+    "continued_interval": 1,
+    "boundary_trim_tokens": 0,
+    "boundary_align_tokens": 1,
+    "session_resume_wait_ms": 0,
+}
+_NULLABLE = frozenset({"min_tokens"})
+
+
+def _check_field(name: str, value: object, prefix: str) -> None:
+    if value is None and name in _NULLABLE:
+        return
+    minimum = _MINIMUMS[name]
+    bound = "> 0" if minimum == 1 else f">= {minimum}"
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{prefix}.{name}", f"must be an integer {bound}, got {value!r}")
+    if value < minimum:
+        raise ConfigError(f"{prefix}.{name}", f"must be {bound}, got {value}")
+
+
+def _check_values(values: Mapping[str, Any], prefix: str) -> None:
+    for name in _FIELD_NAMES:
+        _check_field(name, values[name], prefix)
+    min_tokens, cold_min, cold_max = (
+        values["min_tokens"],
+        values["cold_min_tokens"],
+        values["cold_max_tokens"],
+    )
+    if min_tokens is not None and cold_min < min_tokens:
+        reason = f"must be >= min_tokens ({min_tokens}), got {cold_min}"
+        raise ConfigError(f"{prefix}.cold_min_tokens", reason)
+    if cold_max < cold_min:
+        reason = f"must be >= cold_min_tokens ({cold_min}), got {cold_max}"
+        raise ConfigError(f"{prefix}.cold_max_tokens", reason)
+
+
+def validate_policy(value: object, key_prefix: str = "policy") -> SavePolicy:
+    """Build a :class:`SavePolicy` from a mapping (missing keys take defaults).
+
+    A :class:`SavePolicy` is returned as is and ``None`` gives the defaults.
+    Rules: every field is an int (a bool is not) >= 0; ``min_tokens`` may be
+    None; ``continued_interval`` and ``boundary_align_tokens`` are > 0;
+    ``cold_min_tokens >= min_tokens``; ``cold_max_tokens >= cold_min_tokens``.
+
+    Raises:
+        ConfigError: with the full key path, e.g.
+            ``policy.cold_min_tokens: must be >= min_tokens (512), got 100``;
+            also for an unknown key or a value that is not a mapping.
+    """
+    if value is None:
+        return SavePolicy()
+    if isinstance(value, SavePolicy):
+        return value
+    if not isinstance(value, Mapping):
+        raise ConfigError(key_prefix, f"must be a mapping, got {type(value).__name__}")
+    for name in value:
+        if name not in _FIELD_NAMES:
+            known = ", ".join(_FIELD_NAMES)
+            raise ConfigError(f"{key_prefix}.{name}", f"unknown key (known keys: {known})")
+    defaults = SavePolicy()
+    merged = {name: value.get(name, getattr(defaults, name)) for name in _FIELD_NAMES}
+    _check_values(merged, key_prefix)
+    return SavePolicy(**merged)
+
+
+@dataclass(frozen=True)
 class RestartSettings:
     """Restart intensity of a supervisor: more than `intensity` in `period_s` escalates."""
 
@@ -104,19 +201,6 @@ class TierSettings:
     def name(self) -> str:
         """The tier's name in rows and counters: ``ram``, ``ram_file:<root>``, ``disk:<root>``."""
         return self.kind if self.root is None else f"{self.kind}:{self.root}"
-
-
-@dataclass(frozen=True)
-class PolicySettings:
-    """Save-policy defaults (spec 4.11); models may override any of them."""
-
-    min_tokens: int = 512
-    cold_min_tokens: int = 512
-    cold_max_tokens: int = 30000
-    continued_interval: int = 2048
-    boundary_trim_tokens: int = 32
-    boundary_align_tokens: int = 2048
-    session_resume_wait_ms: int = 500
 
 
 @dataclass(frozen=True)
@@ -154,7 +238,7 @@ class ModelSettings:
     n_threads: int | None = None
     tier: str = "ram"
     deterministic: bool = False
-    policy: Mapping[str, int] = field(default_factory=dict)
+    policy: SavePolicy = field(default_factory=SavePolicy)
     restart: RestartSettings = field(
         default_factory=lambda: RestartSettings(DEFAULT_MODEL_INTENSITY, DEFAULT_MODEL_PERIOD_S)
     )
@@ -208,7 +292,7 @@ class Config:
 
     restart: RestartSettings = field(default_factory=RestartSettings)
     cache: CacheSettings = field(default_factory=lambda: CacheSettings(tiers=_default_tiers()))
-    policy: PolicySettings = field(default_factory=PolicySettings)
+    policy: SavePolicy = field(default_factory=SavePolicy)
     models: tuple[ModelSettings, ...] = ()
     pressure: PressureSettings = field(default_factory=PressureSettings)
     server: ServerSettings = field(default_factory=ServerSettings)
@@ -401,43 +485,7 @@ def _cache(raw: object) -> CacheSettings:
     return settings
 
 
-POLICY_KEYS = tuple(PolicySettings.__dataclass_fields__)
-
-
-def check_policy(values: Mapping[str, int], path: str) -> None:
-    """Cross-field rules of a complete policy (spec 3.3), naming the key at fault."""
-    if values["cold_min_tokens"] < values["min_tokens"]:
-        raise ConfigError(
-            f"{path}.cold_min_tokens",
-            f"must be >= min_tokens ({values['min_tokens']}), got {values['cold_min_tokens']}",
-        )
-    if values["cold_max_tokens"] < values["cold_min_tokens"]:
-        raise ConfigError(
-            f"{path}.cold_max_tokens",
-            f"must be >= cold_min_tokens ({values['cold_min_tokens']}), "
-            f"got {values['cold_max_tokens']}",
-        )
-
-
-def _policy_values(raw: object, path: str, base: PolicySettings) -> dict[str, int]:
-    s = _Section(raw, path)
-    minimums = {"continued_interval": 1, "boundary_align_tokens": 1}
-    values = {
-        key: s.get_int(key, getattr(base, key), minimum=minimums.get(key, 0)) for key in POLICY_KEYS
-    }
-    s.done()
-    return values
-
-
-def _policy(raw: object) -> PolicySettings:
-    values = _policy_values(raw, "policy", PolicySettings())
-    check_policy(values, "policy")
-    return PolicySettings(**values)
-
-
-def parse_model(
-    raw: object, path: str, policy: PolicySettings, cache: CacheSettings
-) -> ModelSettings:
+def parse_model(raw: object, path: str, policy: SavePolicy, cache: CacheSettings) -> ModelSettings:
     """Validate one model entry (``models[i]`` of sys.yaml, or `load_model` options).
 
     Raises:
@@ -465,10 +513,7 @@ def parse_model(
     if cache.tier(tier) is None:
         known = ", ".join(t.name for t in cache.tiers)
         raise ConfigError(s.key("tier"), f"no such cache tier {tier!r} (configured: {known})")
-    overrides = _policy_values(s.get("policy"), s.key("policy"), policy)
-    check_policy(overrides, s.key("policy"))
-    raw_policy = s.get("policy") or {}
-    assert isinstance(raw_policy, Mapping)
+    model_policy = _model_policy(s.get("policy"), s.key("policy"), policy)
     settings = ModelSettings(
         name=name,
         model=model,
@@ -480,7 +525,7 @@ def parse_model(
         n_threads=s.optional_int("n_threads", minimum=1),
         tier=tier,
         deterministic=s.get_bool("deterministic", False),
-        policy={k: overrides[k] for k in raw_policy},
+        policy=model_policy,
         restart=_restart(
             s.get("restart"),
             s.key("restart"),
@@ -491,6 +536,19 @@ def parse_model(
     )
     s.done()
     return settings
+
+
+def _model_policy(raw: object, path: str, base: SavePolicy) -> SavePolicy:
+    """The model's effective policy: the system policy with the model's overrides."""
+    if raw is None:
+        return base
+    if not isinstance(raw, Mapping):
+        raise ConfigError(path, f"must be a mapping, got {_describe(raw)}")
+    for key in raw:
+        if key not in vars(base):
+            known = ", ".join(vars(base))
+            raise ConfigError(f"{path}.{key}", f"unknown key (known keys: {known})")
+    return validate_policy({**vars(base), **raw}, path)
 
 
 def _fingerprint(s: _Section) -> bytes | None:
@@ -602,7 +660,7 @@ def parse_config(raw: Mapping[str, Any] | None) -> Config:
     """
     s = _Section(raw, "")
     cache = _cache(s.get("cache"))
-    policy = _policy(s.get("policy"))
+    policy = validate_policy(s.get("policy"), "policy")
     models_raw = s.get_list("models")
     models = tuple(
         parse_model(item, f"models[{i}]", policy, cache) for i, item in enumerate(models_raw)

@@ -13,7 +13,7 @@ import yaml
 from erllama_py.config import (
     MB,
     Config,
-    PolicySettings,
+    SavePolicy,
     check_tier_roots,
     load_config,
     parse_config,
@@ -45,7 +45,7 @@ def test_no_config_gives_every_default() -> None:
     config = load_config(None)
     assert isinstance(config, Config)
     assert [t.kind for t in config.cache.tiers] == ["ram", "disk"]
-    assert config.policy == PolicySettings()
+    assert config.policy == SavePolicy()
     assert config.models == ()
     assert config.restart.intensity == 5
     assert config.pressure.enabled is False
@@ -88,8 +88,8 @@ def test_negative_quota_names_the_tier_index() -> None:
         (("restart", "intensity"), -1, "restart.intensity", ">= 0"),
         (("restart", "period_s"), 0, "restart.period_s", "> 0"),
         (("policy", "min_tokens"), -1, "policy.min_tokens", ">= 0"),
-        (("policy", "continued_interval"), 0, "policy.continued_interval", "positive"),
-        (("policy", "boundary_align_tokens"), 0, "policy.boundary_align_tokens", "positive"),
+        (("policy", "continued_interval"), 0, "policy.continued_interval", "> 0"),
+        (("policy", "boundary_align_tokens"), 0, "policy.boundary_align_tokens", "> 0"),
         (("server", "port"), 70000, "server.port", "<= 65535"),
         (("server", "max_queue"), 0, "server.max_queue", "positive"),
         (("pressure", "high_watermark"), 1.5, "pressure.high_watermark", "<= 1"),
@@ -165,11 +165,18 @@ def test_model_policy_override_is_checked_against_the_merged_policy() -> None:
     assert err.key == "models[0].policy.cold_min_tokens"
 
 
-def test_model_policy_keeps_only_the_overridden_keys() -> None:
+def test_model_policy_overrides_the_system_policy() -> None:
     raw = _base()
+    raw["policy"] = {"continued_interval": 100}
     raw["models"][0]["policy"] = {"min_tokens": 4, "cold_min_tokens": 4}
-    config = parse_config(raw)
-    assert dict(config.models[0].policy) == {"min_tokens": 4, "cold_min_tokens": 4}
+    policy = parse_config(raw).models[0].policy
+    assert (policy.min_tokens, policy.cold_min_tokens, policy.continued_interval) == (4, 4, 100)
+
+
+def test_unknown_model_policy_key_is_rejected() -> None:
+    raw = _base()
+    raw["models"][0]["policy"] = {"min_tokns": 4}
+    assert _error(raw).key == "models[0].policy.min_tokns"
 
 
 def test_tier_kind_is_required_and_checked() -> None:

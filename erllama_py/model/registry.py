@@ -17,7 +17,6 @@ from typing import Any
 import pykka
 
 from erllama_py.cache.handle import CacheHandle
-from erllama_py.cache.policy import SavePolicy
 from erllama_py.config import Config, ModelSettings
 from erllama_py.errors import (
     ModelAlreadyLoadedError,
@@ -163,11 +162,10 @@ class ModelRegistry(SupervisedActor):
                 raise ModelAlreadyLoadedError(settings.name)
             self._stop_model(self.table.get(settings.name))
         spec = worker_spec(settings, self.config)
-        values = {**vars(self.config.policy), **dict(settings.policy)}
         shared = ModelShared(
             name=settings.name,
             spec=spec,
-            policy=SavePolicy(**values),
+            policy=settings.policy,
             tier=settings.tier,
             deterministic=settings.deterministic,
             cache=self.cache,
