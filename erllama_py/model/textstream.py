@@ -3,8 +3,8 @@
 Token pieces are bytes, and a multi-byte character may be split across two
 tokens; `TextStream` only emits whole characters. Stop sequences are matched
 over the decoded text (spec 5.6.2): the leftmost match wins, the longest at
-equal positions; text that could be the start of a stop sequence is held back
-until it can no longer match, and the match itself is never emitted.
+equal positions; only a tail that could be the start of a stop sequence is
+held back, until it can no longer match, and the match itself is never emitted.
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ class TextStream:
                 out = self._text[self._emitted : found.position]
                 self._emitted = found.position
                 return out
-            safe = len(self._text) - self._hold
+            safe = len(self._text) - self._partial_stop()
         else:
             safe = len(self._text)
         if safe <= self._emitted:
@@ -76,6 +76,16 @@ class TextStream:
         out = self._text[self._emitted : end]
         self._emitted = end
         return out
+
+    def _partial_stop(self) -> int:
+        """Length of the longest tail of the text that is the start of a stop sequence."""
+        longest = 0
+        for stop in self._stops:
+            for k in range(min(len(stop) - 1, len(self._text)), longest, -1):
+                if self._text.endswith(stop[:k]):
+                    longest = k
+                    break
+        return longest
 
     def _find_stop(self, start: int) -> StopMatch | None:
         best: StopMatch | None = None
