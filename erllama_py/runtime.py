@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import queue
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from concurrent.futures import TimeoutError as FutureTimeoutError
 from pathlib import Path
@@ -30,7 +31,7 @@ from erllama_py.model.request import Event, Request, RequestSink
 from erllama_py.model.shared import actor_name, sup_name
 from supervisors import NoProcError, tree, which_children
 
-__all__ = ["Runtime", "start"]
+__all__ = ["EventStream", "Runtime", "start"]
 
 ACTOR_WAIT_S = 30.0  # a restarting model actor is waited for this long
 LOAD_TIMEOUT_S = 600.0
@@ -100,6 +101,7 @@ class Runtime:
 
     def unload(self, name: str) -> None:
         """Save what the model has in flight (reason ``shutdown``), stop its worker, forget it."""
+        self._check_running()
         self._tree.models.get(name)
         self._registry().unload(name).get(timeout=LOAD_TIMEOUT_S)
 
@@ -185,6 +187,7 @@ class Runtime:
             raise ModelFailedError(f"model {name!r} stopped during the call", name) from None
 
     def _prompt(self, name: str, prompt: object) -> tuple[list[int], str | None]:
+        self._check_running()
         info = self._tree.models.live(name).shared.info
         if isinstance(prompt, str):
             if not prompt:
@@ -223,6 +226,7 @@ class Runtime:
         stream: bool = False,
         sink: RequestSink | None = None,
     ) -> Request:
+        self._check_running()
         opts = parse_options(options, model=name)
         tokens: list[int] = []
         text: str | None = None
@@ -245,7 +249,8 @@ class Runtime:
         return request
 
     def _cancel(self, name: str, request: Request) -> None:
-        if request.sink.done:
+        # A cancelled future (asyncio cancels the future it wraps) still needs the actor told.
+        if request.sink.done and not request.sink.future.cancelled():
             return
         with contextlib.suppress(ErllamaError, pykka.ActorDeadError):
             self._actor(name).tell(Cancel(request.id))
@@ -297,9 +302,7 @@ class Runtime:
         options: dict[str, Any] = {} if parent_key is None else {"parent_key": parent_key}
         return self._wait(name, self._submit(name, prompt, options, prefill_only=True))
 
-    def stream(
-        self, name: str, prompt: str | Sequence[int], **options: Any
-    ) -> Iterator[dict[str, Any]]:
+    def stream(self, name: str, prompt: str | Sequence[int], **options: Any) -> EventStream:
         """Stream a completion: ``delta`` events (whole UTF-8 characters), then one ``done``.
 
         Closing the iterator cancels the request (its sequence and pins are freed).
@@ -314,27 +317,13 @@ class Runtime:
         *,
         template: str | None = None,
         **options: Any,
-    ) -> Iterator[dict[str, Any]]:
+    ) -> EventStream:
         """`stream` for a conversation."""
         request = self._submit(name, None, options, chat=messages, template=template, stream=True)
         return self._events(name, request)
 
-    def _events(self, name: str, request: Request) -> Iterator[dict[str, Any]]:
-        try:
-            while True:
-                try:
-                    event = request.sink.events.get(timeout=0.5)
-                except Exception:
-                    self._check_running()
-                    continue
-                if event.type == "error":
-                    assert event.error is not None
-                    raise event.error
-                yield event.to_dict()
-                if event.type == "done":
-                    return
-        finally:
-            self._cancel(name, request)
+    def _events(self, name: str, request: Request) -> EventStream:
+        return EventStream(self, name, request)
 
     # ------------------------------------------------------------------ asyncio
 
@@ -465,6 +454,59 @@ class Runtime:
 
     def __exit__(self, *_exc: object) -> None:
         self.stop()
+
+
+class EventStream(Iterator[dict[str, Any]]):
+    """The events of a streamed request: ``delta`` events, then one ``done``.
+
+    Closing it (``close()``, leaving a ``with`` block, or dropping the last
+    reference) cancels the request, also before the first event was read.
+    """
+
+    def __init__(self, runtime: Runtime, name: str, request: Request) -> None:
+        self._runtime = runtime
+        self._name = name
+        self._request = request
+        self._finished = False
+
+    def __iter__(self) -> EventStream:
+        return self
+
+    def __next__(self) -> dict[str, Any]:
+        if self._finished:
+            raise StopIteration
+        try:
+            while True:
+                try:
+                    event = self._request.sink.events.get(timeout=0.5)
+                except queue.Empty:
+                    self._runtime._check_running()
+                    continue
+                if event.type == "error":
+                    assert event.error is not None
+                    raise event.error
+                if event.type == "done":
+                    self._finished = True
+                return event.to_dict()
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Cancel the request if it is still running (idempotent)."""
+        self._finished = True
+        self._runtime._cancel(self._name, self._request)
+
+    def __enter__(self) -> EventStream:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        if not self._finished:
+            with contextlib.suppress(Exception):
+                self.close()
 
 
 def _check_messages(name: str, messages: object) -> None:

@@ -32,6 +32,7 @@ from erllama_py.errors import (
     ErllamaError,
     InvalidRequestError,
     ModelError,
+    ModelFailedError,
     RuntimeStoppedError,
     WorkerCrashedError,
 )
@@ -91,7 +92,15 @@ class ModelActor(SupervisedActor):
         self._connect()
 
     def on_stop(self) -> None:
-        self._abandon(RuntimeStoppedError(f"model {self.name!r} was stopped"))
+        if self.shared.unloading:
+            self._abandon(RuntimeStoppedError(f"model {self.name!r} was stopped"))
+        else:  # stopped by its supervisor, which gave up: the worker kept crashing
+            self._abandon(
+                ModelFailedError(
+                    f"model {self.name!r} failed (its worker kept crashing); unload and load it",
+                    self.name,
+                )
+            )
 
     def on_failure(self, *_exc_info: Any) -> None:
         self._abandon(ModelError(f"model {self.name!r} failed; its requests were lost", self.name))
@@ -286,6 +295,8 @@ class ModelActor(SupervisedActor):
                 param="prompt",
             )
         self.cachepath.resolve(r)
+        if not r.cursor:  # an exact hit: nothing to prefill, decoding starts now
+            r.t_prefill_done = time.perf_counter()
         if not r.prefill_only:
             r.sampler = client.new_sampler(r.options.sampling.to_dict(), r.prompt)
         if r.cursor == [] and (r.prefill_only or r.max_tokens == 0):

@@ -26,7 +26,7 @@ from typing import Any
 from erllama_py.cache.key import encode_tokens
 from erllama_py.cache.policy import cold_save_split
 from erllama_py.cache.rows import Claim, RowInfo
-from erllama_py.errors import CacheError, CacheFormatError, InvalidRequestError
+from erllama_py.errors import CacheError, CacheFormatError, InvalidRequestError, ReservationError
 from erllama_py.model.client import WorkerClient
 from erllama_py.model.request import Request
 from erllama_py.model.shared import ModelShared
@@ -239,12 +239,11 @@ class CachePath:
         if not r.context or not r.has_logits:
             return None
         key = self.cache.key(self.namespace, r.context)
-        if self.cache.lookup_key(key) is not None:
-            # Already saved (an exact hit that generated one token, a repeated prompt):
-            # packing megabytes only to be told "already present" would stall the model.
-            self.counters.incr("duplicate_dropped")
-            r.last_save_at = len(r.context)
-            return key
+        if self.cache.lookup_key(key) is not None or self.cache.shared.index().pending(key):
+            # Already saved or being saved (an exact hit that generated one token, a repeated
+            # prompt, a finish save right after the cold save of the same tokens): packing
+            # megabytes only to be told "already present" would stall the model.
+            return self._duplicate(r, key)
         started = time.perf_counter_ns()
         try:
             buffer = self.client.pack(r.seq)
@@ -263,13 +262,20 @@ class CachePath:
                 extra={"model": self.shared.name},
             )
         except CacheError as exc:
-            log.info("%s save of %s dropped: %s", reason, self.shared.name, exc)
             with contextlib.suppress(BufferError):
                 buffer.close()
+            if isinstance(exc, ReservationError) and exc.reason in ("already_present", "conflict"):
+                return self._duplicate(r, key)  # another save of these tokens won the race
+            log.info("%s save of %s dropped: %s", reason, self.shared.name, exc)
             return None
         ticket.future.add_done_callback(_log_failure)
         r.last_save_at = len(r.context)
         return ticket.key
+
+    def _duplicate(self, r: Request, key: bytes) -> bytes:
+        self.counters.incr("duplicate_dropped")
+        r.last_save_at = len(r.context)
+        return key
 
 
 def _log_failure(future: Any) -> None:

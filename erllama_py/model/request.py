@@ -9,6 +9,7 @@ really holds.
 from __future__ import annotations
 
 import itertools
+import logging
 import queue
 import time
 from collections.abc import Callable
@@ -23,6 +24,7 @@ __all__ = ["CacheKind", "Event", "Request", "RequestSink"]
 
 CacheKind = Literal["exact", "parent", "prefix", "cold"]
 _ids = itertools.count(1)
+log = logging.getLogger("erllama_py.model")
 
 
 @dataclass(frozen=True)
@@ -67,7 +69,10 @@ class RequestSink:
     def _put(self, event: Event) -> None:
         self.events.put(event)
         if self._notify is not None:
-            self._notify(event)
+            try:
+                self._notify(event)
+            except Exception:  # the caller's problem (a closed event loop): never the model's
+                log.debug("request event listener failed", exc_info=True)
 
     def delta(self, text: str, tokens: tuple[int, ...]) -> None:
         if not self.future.done():
