@@ -567,7 +567,13 @@ def _fingerprint(s: _Section) -> bytes | None:
     raise ConfigError(s.key("fingerprint"), f"must be 32 bytes or 64 hex digits, got {value!r}")
 
 
-_STUB_KEYS: dict[str, int | float] = {"n_vocab": 2, "eog_after": 1, "step_delay": 0.0, "n_swa": 0}
+_STUB_KEYS: dict[str, int | float] = {
+    "n_vocab": 2,
+    "eog_after": 1,
+    "step_delay": 0.0,
+    "n_swa": 0,
+    "fail_on_step": 1,  # the stub raises on that step (fault tests)
+}
 
 
 def _stub(raw: object, path: str) -> dict[str, int | float]:

@@ -1,8 +1,10 @@
 """One file tier's directory (``ram_file`` on tmpfs, or ``disk``): paths, scan, load, publish.
 
 A row lives in ``<root>/<key hex>.kvc``; a save in flight writes
-``<root>/<key hex>.kvc.<writer>.<token>.tmp`` in the same directory, so the
-final ``link(2)`` never crosses file systems.
+``<root>/<key hex>.kvc.<pid>.<writer>.<token>.tmp`` in the same directory, so the
+final ``link(2)`` never crosses file systems. The process id keeps two processes
+sharing a root from ever choosing the same temp name (their writer names and
+tokens coincide), as the original's ``<writer pid>.<unique int>`` did.
 
 Loads run in the caller's thread (the row is pinned by its claim, so it cannot
 be evicted meanwhile) and read into one fresh buffer; files are never mapped.
@@ -86,9 +88,10 @@ class FileStore:
         return self.root / f"{key_hex(key)}{ROW_SUFFIX}"
 
     def temp_path(self, key: bytes, writer: str, token: int) -> Path:
-        """A temp file name unique to one reservation."""
+        """A temp file name unique to one reservation of one process."""
         safe_writer = "".join(c if c.isalnum() else "-" for c in writer)
-        return self.root / f"{key_hex(key)}{ROW_SUFFIX}.{safe_writer}.{token}{TEMP_SUFFIX}"
+        stem = f"{key_hex(key)}{ROW_SUFFIX}.{os.getpid()}.{safe_writer}.{token}"
+        return self.root / f"{stem}{TEMP_SUFFIX}"
 
     # ------------------------------------------------------------------ scan
 

@@ -22,9 +22,9 @@ from erllama_py.cache.key import Namespace, TokenInput, encode_tokens, make_key_
 from erllama_py.cache.meta_client import MetaClient
 from erllama_py.cache.ramstore import RamEntry, payload_checksum
 from erllama_py.cache.rows import Claim, PrefixHit, RowInfo
-from erllama_py.cache.shared import WRITER_NAME, CacheShared
+from erllama_py.cache.shared import CacheShared
 from erllama_py.cache.writer import SaveJob, SaveResult, run_save
-from erllama_py.cache.writers import inbox_depth, submit_reserved
+from erllama_py.cache.writers import submit_reserved
 from erllama_py.errors import CacheError, CacheFormatError, RuntimeStoppedError
 
 __all__ = ["CacheHandle", "SaveTicket"]
@@ -388,17 +388,10 @@ class CacheHandle:
         """Wait until no save is in flight (writers drained)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if not self.shared.index().reservations() and not self._writers_busy():
+            if not self.shared.index().reservations() and not self.shared.jobs_in_flight():
                 return
             time.sleep(0.005)
         raise TimeoutError("saves still in flight")
-
-    def _writers_busy(self) -> bool:
-        for i in range(self.shared.settings.writers):
-            ref = self.shared.registry.whereis(WRITER_NAME.format(i))
-            if isinstance(ref, pykka.ActorRef) and inbox_depth(ref):
-                return True
-        return False
 
     # ------------------------------------------------------------------ lifecycle
 

@@ -43,6 +43,11 @@ __all__ = ["CacheIndex"]
 
 HIT_BIAS_S = 1.0  # seconds of recency credited per persisted hit when rows are installed at scan
 
+# Holder ids and reservation tokens come from one counter for the whole process, not one per
+# index: a claim or a reservation granted by a previous incarnation of the meta actor (whose
+# index died with it) must never match one granted by the restarted actor's new index.
+_IDS = itertools.count(1)
+
 
 @dataclass
 class _Waiters:
@@ -80,7 +85,7 @@ class CacheIndex:
         self._tries: dict[bytes, TokenTrie] = {}
         self._holders: dict[int, tuple[bytes, str]] = {}
         self._waiters: dict[bytes, _Waiters] = {}
-        self._ids = itertools.count(1)
+        self._ids = _IDS
         self._tier_hits: dict[str, int] = dict.fromkeys(self._order, 0)
         self._tier_evictions: dict[str, int] = dict.fromkeys(self._order, 0)
         self._tier_promotions: dict[str, int] = dict.fromkeys(self._order, 0)
@@ -312,14 +317,18 @@ class CacheIndex:
         actions = self._install(row)
         return self._info(row), actions
 
-    def cancel(self, key: bytes, tier: str, token: int) -> None:
-        """Give up a reservation (wrong or stale token: no-op). Waiters get a miss."""
+    def cancel(self, key: bytes, tier: str, token: int) -> bool:
+        """Give up a reservation (wrong or stale token: no-op, False). Waiters get a miss.
+
+        Returns True if the reservation was this token's and is gone.
+        """
         res = self._reservations.get((key, tier))
         if res is None or res.token != token:
-            return
+            return False
         del self._reservations[(key, tier)]
         self._used[tier] -= res.size
         self._wake_if_done(key)
+        return True
 
     def expire_stale(self) -> list[Action]:
         """Clean every reservation whose writer died or whose TTL passed (the sweep)."""

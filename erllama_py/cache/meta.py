@@ -180,8 +180,13 @@ class MetaActor(SupervisedActor):
         return info
 
     def cancel(self, key: bytes, tier: str, token: int) -> None:
+        """A writer gave up its reservation. If it failed (or was killed) after ``link(2)``
+        but before it could tell, its file is published: adopt it, never orphan it."""
         with self._index.lock:
-            self._index.cancel(key, tier, token)
+            cancelled = self._index.cancel(key, tier, token)
+        store = self.shared.files.get(tier)
+        if cancelled and store is not None:
+            self._adopt(tier, key, store.final_path(key))
         self._update_gauges()
 
     def adopt_file(self, tier: str, key: bytes, path: Path) -> RowInfo | None:

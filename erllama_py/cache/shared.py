@@ -10,7 +10,9 @@ meta actor builds a new index from the stores (scan) and publishes it here.
 from __future__ import annotations
 
 import threading
+from concurrent.futures import Future
 from dataclasses import dataclass, field
+from typing import Any
 
 from erllama_py.cache.counters import Counters
 from erllama_py.cache.filestore import FileStore
@@ -48,6 +50,9 @@ class CacheShared:
     _index: CacheIndex | None = None
     _index_ready: threading.Event = field(default_factory=threading.Event)
     _lock: threading.Lock = field(default_factory=threading.Lock)
+    # Invariant: maps the future of every job queued to a writer, until it resolves, to
+    # that writer's id.
+    _jobs: dict[Future[Any], str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for tier in self.settings.tiers:
@@ -90,3 +95,22 @@ class CacheShared:
         with self._lock:
             if self._writers.get(name) == writer:
                 del self._writers[name]
+
+    def job_queued(self, writer: str, future: Future[Any]) -> None:
+        """Count a job handed to a writer (its id) as in flight until its future resolves."""
+        with self._lock:
+            self._jobs[future] = writer
+        future.add_done_callback(self._job_done)
+
+    def _job_done(self, future: Future[Any]) -> None:
+        with self._lock:
+            self._jobs.pop(future, None)
+
+    def jobs_in_flight(self, writer: str | None = None) -> int:
+        """Jobs queued to or running in one writer (its id), or in the whole pool.
+
+        Unlike an inbox, this counts the job a writer is running; and a demotion has no
+        reservation while its writer frames it, so reservations alone do not tell either.
+        """
+        with self._lock:
+            return sum(1 for w in self._jobs.values() if writer is None or w == writer)

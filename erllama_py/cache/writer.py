@@ -15,7 +15,7 @@ process) at that point leaves, and who cleans it up:
    refuses (``already_present`` counts as a duplicate, not an error).
    *If killed here:* a reservation without a file; its TTL or the writer's
    death notice removes it.
-3. Create ``<key>.kvc.<writer>.<token>.tmp`` with ``O_EXCL``, ``writev`` the
+3. Create ``<key>.kvc.<pid>.<writer>.<token>.tmp`` with ``O_EXCL``, ``writev`` the
    prefix and the payload (never joined in memory), ``fdatasync``, close.
    *If killed here:* a temp file, never a published row. The reservation's
    cleanup removes it; the startup scan sweeps any that remain.
@@ -55,7 +55,7 @@ from erllama_py.cache.filestore import FileStore
 from erllama_py.cache.key import Namespace, make_key_encoded
 from erllama_py.cache.ramstore import RamEntry, payload_checksum, release_payload
 from erllama_py.cache.rows import RowInfo
-from erllama_py.errors import CacheError, ReservationError, TierFullError
+from erllama_py.errors import CacheError, PayloadTooLargeError, ReservationError, TierFullError
 
 __all__ = ["MetaPort", "SaveJob", "SaveResult", "prepare_file_save", "run_save"]
 
@@ -168,7 +168,7 @@ def run_save(
     counters: Counters,
     writer: str,
 ) -> SaveResult:
-    """Run one save to completion (trying fallback tiers on `TierFullError`).
+    """Run one save to completion (trying fallback tiers when a tier has no room for it).
 
     Raises:
         CacheError: the save was refused or failed (``saves_dropped`` counted).
@@ -187,7 +187,8 @@ def run_save(
                     keep_payload = result.status == "saved"
                 else:
                     result = _save_file(job, tier, meta, stores[tier], writer)
-            except TierFullError as exc:
+            except (TierFullError, PayloadTooLargeError) as exc:
+                # No room in this tier (or a row bigger than its whole quota): try the next.
                 last_error = exc
                 continue
             _count(result, job, counters)
@@ -259,12 +260,10 @@ def _save_ram(job: SaveJob, tier: str, meta: MetaPort) -> SaveResult:
 def _save_file(
     job: SaveJob, tier: str, meta: MetaPort, store: FileStore, writer: str
 ) -> SaveResult:
-    buffer = _payload_buffer(job.payload)
     if job.token is not None:
         assert job.prefix is not None
         assert job.key is not None
         prefix, key, token = job.prefix, job.key, job.token
-        size = len(prefix) + memoryview(buffer).nbytes
     else:
         prefix, key, size = prepare_file_save(job)
         try:
@@ -284,6 +283,9 @@ def _save_file(
     temp = store.temp_path(key, writer, token)
     published = False
     try:
+        # Inside the try: a payload that can no longer be read (a released shared buffer)
+        # must cancel the reservation, not leave a "writing" row until its TTL.
+        buffer = _payload_buffer(job.payload)
         meta.set_temp_path(key, tier, token, temp)
         store.write_temp(temp, prefix, buffer)
         meta.check_reservation(key, tier, token)

@@ -20,7 +20,7 @@ from erllama_py.cache.meta_client import meta_client
 from erllama_py.cache.shared import WRITER_NAME, CacheShared
 from erllama_py.cache.writer import SaveJob, SaveResult, prepare_file_save, run_save
 from erllama_py.errors import CacheError, ReservationError, RuntimeStoppedError
-from supervisors import SupervisedActor
+from supervisors import ActorKilledError, SupervisedActor
 
 __all__ = ["WriterActor", "inbox_depth", "pick_writer", "submit_reserved", "submit_unreserved"]
 
@@ -74,6 +74,11 @@ class WriterActor(SupervisedActor):
                 counters=self.shared.counters,
                 writer=self.writer_id,
             )
+        except ActorKilledError as exc:
+            # A kill (a supervisor's brutal shutdown) ends the writer, not just this job:
+            # on_failure then fails the jobs still queued and reports the writer down.
+            _fail(job, exc)
+            raise
         except Exception as exc:
             _fail(job, exc)
             return
@@ -93,7 +98,8 @@ def _fail(job: SaveJob, exc: BaseException) -> None:
 
 
 def pick_writer(shared: CacheShared, *, wait: bool = True) -> tuple[pykka.ActorRef[Any], str]:
-    """The least busy live writer and its id (waiting a little across a restart if `wait`).
+    """The live writer with the fewest jobs in flight, and its id (waiting a little across a
+    restart if `wait`).
 
     Raises:
         RuntimeStoppedError: no writer is running.
@@ -106,7 +112,7 @@ def pick_writer(shared: CacheShared, *, wait: bool = True) -> tuple[pykka.ActorR
         writer_id = shared.writer_id_of(WRITER_NAME.format(i))
         if writer_id is None:
             continue
-        depth = inbox_depth(ref)
+        depth = shared.jobs_in_flight(writer_id)  # the running job counts: not inbox_depth
         if best is None or depth < best[0]:
             best = (depth, ref, writer_id)
     if best is None:
@@ -156,6 +162,7 @@ def submit_reserved(shared: CacheShared, job: SaveJob) -> bytes:
         shared.counters.incr("saves_dropped")
         raise
     job.prefix, job.key, job.token = prefix, key, token
+    shared.job_queued(writer_id, job.future)
     try:
         ref.tell(job)
     except pykka.ActorDeadError:
@@ -170,7 +177,8 @@ def submit_unreserved(shared: CacheShared, job: SaveJob) -> None:
     Safe to call from the meta actor's own thread: it sends no message to it.
     """
     try:
-        ref, _ = pick_writer(shared, wait=False)
+        ref, writer_id = pick_writer(shared, wait=False)
+        shared.job_queued(writer_id, job.future)
         ref.tell(job)
     except (RuntimeStoppedError, pykka.ActorDeadError) as exc:
         log.info("demotion dropped: %s", exc)

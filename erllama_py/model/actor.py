@@ -20,9 +20,9 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import pykka
 
@@ -37,7 +37,7 @@ from erllama_py.errors import (
     WorkerCrashedError,
 )
 from erllama_py.model.backend import validate_tokens
-from erllama_py.model.cachepath import CachePath
+from erllama_py.model.cachepath import CachePath, Deferred
 from erllama_py.model.client import WorkerClient
 from erllama_py.model.planner import Planned, plan_tick
 from erllama_py.model.request import Request
@@ -47,7 +47,10 @@ from supervisors import ProcessChild, SupervisedActor
 __all__ = ["Cancel", "ModelActor", "Submit"]
 
 log = logging.getLogger("erllama_py.model")
+T = TypeVar("T")
 RECONNECT_S = 0.02  # how often a model without a worker looks for the restarted one
+WORKER_WAIT_S = 30.0  # how long a direct call (tokenize, embed...) waits for a restarting worker
+DEFER_RETRY_S = 0.005  # how soon a request waiting for its parent's save is looked at again
 
 
 @dataclass(frozen=True)
@@ -84,6 +87,7 @@ class ModelActor(SupervisedActor):
         self.active: list[Request] = []
         self.free: list[int] = []
         self._tick_queued = False
+        self._deferred = False
         self._timer: threading.Timer | None = None
 
     # ------------------------------------------------------------------ lifecycle
@@ -124,7 +128,10 @@ class ModelActor(SupervisedActor):
         if not isinstance(handle, ProcessChild) or not handle.alive:
             return False
         client = WorkerClient(self.name, handle, self.shared.info)
-        client.reset()
+        try:
+            client.reset()
+        except WorkerCrashedError:
+            return False  # it died before we could use it; its successor comes next
         self.client = client
         self.cachepath = CachePath(self.shared, client)
         self.free = list(range(client.info.n_seq_max))
@@ -182,25 +189,42 @@ class ModelActor(SupervisedActor):
     def tokenize(
         self, text: str, add_special: bool = True, parse_special: bool = False
     ) -> list[int]:
-        return self._worker().tokenize(text, add_special, parse_special)
+        return self._direct(lambda w: w.tokenize(text, add_special, parse_special))
 
     def detokenize(self, tokens: Sequence[int]) -> bytes:
-        return self._worker().detokenize(tokens)
+        return self._direct(lambda w: w.detokenize(tokens))
 
     def render_chat(self, messages: Sequence[Mapping[str, Any]], template: str | None) -> str:
-        return self._worker().chat_template(messages, template)
+        return self._direct(lambda w: w.chat_template(messages, template))
 
     def embed(self, tokens: Sequence[int]) -> list[float]:
-        return self._worker().embed(tokens)
+        return self._direct(lambda w: w.embed(tokens))
+
+    def _direct(self, call: Callable[[WorkerClient], T]) -> T:
+        """Run a stateless worker call, across one worker restart if it dies under it."""
+        try:
+            return call(self._worker())
+        except WorkerCrashedError as exc:
+            self._worker_lost(exc)
+            return call(self._worker())
 
     def evict(self, reason: str = "evict") -> int:
-        """Save every request in flight (reason ``evict``); returns how many saves fired."""
+        """Save every request in flight (reason ``evict``); returns how many saves fired.
+
+        With reason ``shutdown`` the key becomes the request's ``finish_key``,
+        so its caller can resume it with ``parent_key``.
+        """
         if self.client is None or self.cachepath is None:
             return 0
         fired = 0
         for r in self.active:
-            if r.context and r.has_logits and self.cachepath.save(r, reason) is not None:
+            if not (r.context and r.has_logits):
+                continue
+            key = self.cachepath.save(r, reason)
+            if key is not None:
                 fired += 1
+                if reason == "shutdown":
+                    r.finish_key = key
         return fired
 
     def shutdown(self) -> int:
@@ -220,8 +244,13 @@ class ModelActor(SupervisedActor):
         return fired
 
     def _worker(self) -> WorkerClient:
-        if not self._connect():
-            raise ModelError(f"model {self.name!r} has no running worker (restarting)", self.name)
+        """The worker, waiting (bounded) for a restarting one, as queued requests do."""
+        deadline = time.monotonic() + WORKER_WAIT_S
+        while not self._connect():
+            if time.monotonic() >= deadline or self.shared.unloading:
+                raise ModelError(f"model {self.name!r} has no running worker", self.name)
+            with contextlib.suppress(Exception):
+                self.shared.registry.wait_for(worker_name(self.name), RECONNECT_S * 10)
         assert self.client is not None
         return self.client
 
@@ -245,18 +274,27 @@ class ModelActor(SupervisedActor):
                 self.active, info.n_batch, info.n_batch, deterministic=self.shared.deterministic
             )
             if plan:
-                results = self.client.step([p.op for p in plan])
-                self._apply(plan, results)
+                try:
+                    results = self.client.step([p.op for p in plan])
+                except WorkerCrashedError:
+                    raise
+                except ErllamaError as exc:
+                    self._step_failed(plan, exc)
+                else:
+                    self._apply(plan, results)
             for r in list(self.active):
                 if r.finishing:
                     self._finish(r)
         except WorkerCrashedError as exc:
             self._worker_lost(exc)
         self._update_obs()
-        if self.active or self.pending:
+        if self.active:
             self._schedule()
+        elif self.pending:
+            self._schedule(DEFER_RETRY_S if self._deferred else 0.0)
 
     def _admit(self) -> None:
+        self._deferred = False
         while self.pending and self.free:
             r, submit = self.pending.popleft()
             seq = self.free.pop(0)
@@ -268,6 +306,13 @@ class ModelActor(SupervisedActor):
                 r.seq = None
                 self.pending.appendleft((r, submit))
                 raise
+            except Deferred:
+                # Its parent's save is still being written: keep the FIFO order and
+                # let the sequences already running go on meanwhile.
+                self._release(r)
+                self.pending.appendleft((r, submit))
+                self._deferred = True
+                return
             except ErllamaError as exc:
                 self._release(r)
                 r.sink.fail(exc)
@@ -382,6 +427,20 @@ class ModelActor(SupervisedActor):
             self.free.insert(0, r.seq)
         r.sampler = None
         r.seq = None
+
+    def _step_failed(self, plan: Sequence[Planned], exc: ErllamaError) -> None:
+        """A step failed without killing the worker: only the requests in it fail.
+
+        Their sequences' state is unknown (llama.cpp may have decoded part of
+        the batch), so they are cleared, never saved.
+        """
+        log.warning("model %s: a step failed (%s); %d request(s) failed", self.name, exc, len(plan))
+        for p in plan:
+            r = p.request
+            if r in self.active:
+                self.active.remove(r)
+                self._release(r)
+                r.sink.fail(exc)
 
     def _worker_lost(self, exc: WorkerCrashedError) -> None:
         log.warning("model %s: %s; %d request(s) failed", self.name, exc, len(self.active))

@@ -32,9 +32,13 @@ from erllama_py.model.request import Request
 from erllama_py.model.shared import ModelShared
 from erllama_py.model.statebuf import StateBuffer
 
-__all__ = ["CachePath"]
+__all__ = ["CachePath", "Deferred"]
 
 log = logging.getLogger("erllama_py.model")
+
+
+class Deferred(Exception):
+    """The request's parent save is still in flight: admit it again a little later."""
 
 
 class CachePath:
@@ -86,8 +90,12 @@ class CachePath:
         parent = r.options.parent_key
         if parent is None:
             return False
-        wait_s = self.shared.policy.session_resume_wait_ms / 1000.0
-        info = self.cache.lookup_exact_or_wait(parent, wait_s)
+        info = self.cache.lookup_key(parent)
+        if info is None and self.cache.shared.index().pending(parent):
+            if not r.parent_deadline:
+                r.parent_deadline = r.t_admit + self.shared.policy.session_resume_wait_ms / 1000
+            if time.perf_counter() < r.parent_deadline:
+                raise Deferred
         if info is None or not 0 < info.n_tokens <= len(r.prompt) or not self._allowed(info):
             return False
         prefix = encode_tokens(r.prompt[: info.n_tokens])

@@ -247,14 +247,21 @@ def test_unload_saves_requests_in_flight_with_reason_shutdown(rt, load, wait_unt
     assert counters_delta(before, rt.counters())["saves_shutdown"] == 2
     saved = sorted(r["tokens"] for r in rows_by_reason(rt, "shutdown"))
     assert saved == sorted(len(p) + len(r["tokens"]) - 1 for p, r in finished)
-    # The rows outlive the model: a reload resumes each conversation where it stopped.
+    # The rows outlive the model: a reload resumes each conversation where it stopped,
+    # by prefix or through the finish_key each cancelled result carries.
     reloaded = load(rt, "stub", n_seq_max=2)
     for prompt, result in finished:
+        assert result["finish_key"] is not None
         resumed = reloaded.complete([*prompt, *result["tokens"]], max_tokens=2)
         assert resumed["cache"] == {
             "kind": "prefix",
             "prefix_len": len(prompt) + len(result["tokens"]) - 1,
         }
+        by_key = reloaded.complete(
+            [*prompt, *result["tokens"]], max_tokens=2, parent_key=result["finish_key"]
+        )
+        assert by_key["cache"]["kind"] == "parent"
+        assert by_key["tokens"] == resumed["tokens"]
 
 
 def test_stopping_the_runtime_saves_requests_in_flight_to_disk(

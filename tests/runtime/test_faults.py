@@ -23,6 +23,7 @@ from typing import Any
 
 import pytest
 
+import erllama_py
 from erllama_py import ModelFailedError, ModelLoadError, WorkerCrashedError
 from erllama_py.model.testmodel import write_corrupt_models, write_duplicate_token_model
 
@@ -480,3 +481,24 @@ def test_a_script_without_a_main_guard_can_load_and_run_models(tmp_path, tiny_mo
     assert len(tiny_tokens) == 5 and len(stub_tokens) == 5
     # The workers never imported the script: its top-level code ran once.
     assert marker.read_text().splitlines() == ["top-level code ran"]
+
+
+def test_a_step_that_fails_without_a_crash_fails_only_its_requests(rt, load):
+    # The stub raises ModelError on its third step: the request in that step fails, the
+    # worker and the actor stay up, and the next request is served normally.
+    m = load(rt, "stub", stub={"fail_on_step": 3})
+    pid = m.worker_pid()
+    with pytest.raises(erllama_py.ModelError, match="injected failure"):
+        m.complete("one two three four", max_tokens=10)
+    result = m.complete("one two three four", max_tokens=3)
+    assert result["finish_reason"] == "length"
+    assert len(result["tokens"]) == 3
+    assert m.worker_pid() == pid
+    assert rt.model_info("m")["status"] == "loaded"
+
+
+def test_tokenize_waits_for_a_restarting_worker(rt, load, model_kind):
+    m = load(rt, model_kind)
+    expected = rt.tokenize("m", "hello world")
+    os.kill(m.worker_pid(), signal.SIGKILL)
+    assert rt.tokenize("m", "hello world") == expected
