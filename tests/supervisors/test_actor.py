@@ -19,6 +19,7 @@ from sup_helpers import (
     handle_of,
     report,
     wait_exit_processed,
+    wait_until,
 )
 
 from supervisors import (
@@ -80,7 +81,11 @@ def _supervise(start: Any, restart: Any = "permanent") -> pykka.ActorRef[Any]:
 
 
 def _after_exit(sup: pykka.ActorRef[Any], old: object) -> ChildInfo:
-    wait_exit_processed(sup, "c", old)
+    if old is None:
+        # The first instance died before we could see it: wait for its restart instead.
+        wait_until(lambda: (c := child(sup, "c")) is not None and c.restarts >= 1)
+    else:
+        wait_exit_processed(sup, "c", old)
     info = child(sup, "c")
     assert info is not None
     return info
