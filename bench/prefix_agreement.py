@@ -1,0 +1,179 @@
+"""Prefix hits vs cold runs: how often a prefix hit's greedy continuation equals the cold one.
+
+Run from the repository root::
+
+    .venv/bin/python -m bench.prefix_agreement [--pairs 30] [--continuation 32]
+
+Each pair is a prefix P of 300 to 1,100 tokens and a suffix S of 5 to 200
+tokens (log-uniform), given as token ids, so P is exactly a prefix of P + S.
+One runtime, RAM tier, n_batch 512, four models on the same GGUF, each with
+its own cache identity:
+
+- ``normal``: ``rt.prefill(P)`` saves P's state; then ``rt.complete(P + S)``
+  is a prefix hit that restores P and prefills S in one batch;
+- ``deterministic``: the same with ``deterministic=True``: the prefill of P
+  saves a cold row at P's last multiple of n_batch and one at P's end;
+- ``deterministic, boundary row only``: ``deterministic=True`` too, but only
+  P cut to its last multiple of n_batch is prefilled (so that the only row is
+  the one deterministic mode can use; pairs with P < 512 have none);
+- ``reference``: saves off: ``rt.complete(P + S)`` is a cold run, the truth.
+
+llama.cpp computes batches of fewer than 64 tokens on another kernel path, so
+a prefix hit whose suffix is short can differ from the cold run (which
+prefilled P's tail and S in one batch) in near-ties. Reported: the share of
+pairs whose continuation equals the cold run's, the position-wise agreement,
+the first divergence, and what deterministic mode costs in restored tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import random
+from typing import Any
+
+import erllama_py
+from bench.common import (
+    EXACT_POLICY,
+    N_BATCH,
+    NO_SAVES,
+    command_line,
+    fingerprint,
+    header,
+    load,
+    median,
+    runtime_config,
+    table,
+    tier_roots,
+    tokens_of,
+    write_result,
+)
+
+NAME = "prefix_agreement"
+MODES = ("normal", "deterministic", "deterministic, boundary row only")
+
+
+def divergence(a: list[int], b: list[int]) -> int:
+    """Index of the first differing token (the shorter length if one is a prefix)."""
+    for i, (x, y) in enumerate(zip(a, b, strict=False)):
+        if x != y:
+            return i
+    return min(len(a), len(b))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--pairs", type=int, default=30)
+    parser.add_argument("--continuation", type=int, default=32)
+    parser.add_argument("--seed", type=int, default=7)
+    args = parser.parse_args()
+    rnd = random.Random(args.seed)
+    top = header("Prefix agreement: prefix hits vs cold runs", command_line(NAME))
+    pairs: list[dict[str, Any]] = []
+    with tier_roots(NAME) as roots, erllama_py.start(runtime_config(roots, tiers=["ram"])) as rt:
+        models = {
+            "normal": load(rt, "pa-normal", fingerprint=fingerprint("pa-normal")),
+            "deterministic": load(
+                rt, "pa-det", deterministic=True, fingerprint=fingerprint("pa-det")
+            ),
+            "deterministic, boundary row only": load(
+                rt, "pa-det-boundary", deterministic=True, fingerprint=fingerprint("pa-det-b")
+            ),
+            "reference": load(rt, "pa-ref", policy=NO_SAVES, fingerprint=fingerprint("pa-ref")),
+        }
+        for i in range(args.pairs):
+            n_prefix = rnd.randint(300, 1100)
+            n_suffix = round(math.exp(rnd.uniform(math.log(5), math.log(200))))
+            tokens = tokens_of(rt, models["normal"], n_prefix + n_suffix, ("pair", args.seed, i))
+            prefix = tokens[:n_prefix]
+            boundary = n_prefix - n_prefix % N_BATCH
+            print(f"pair {i + 1}/{args.pairs}: prefix {n_prefix}, suffix {n_suffix}", flush=True)
+            rt.prefill(models["normal"], prefix)
+            rt.prefill(models["deterministic"], prefix)
+            if boundary >= EXACT_POLICY["min_tokens"]:
+                rt.prefill(models["deterministic, boundary row only"], prefix[:boundary])
+            rt.cache.wait_idle(60.0)
+            record: dict[str, Any] = {"prefix": n_prefix, "suffix": n_suffix}
+            cold = rt.complete(models["reference"], tokens, max_tokens=args.continuation)
+            record["cold"] = cold["tokens"]
+            record["cold_ttft"] = cold["timings"]["ttft_ms"]
+            for mode in MODES:
+                hit = rt.complete(models[mode], tokens, max_tokens=args.continuation)
+                record[mode] = {
+                    "tokens": hit["tokens"],
+                    "kind": hit["cache"]["kind"],
+                    "cached": hit["usage"]["cached_tokens"],
+                    "ttft": hit["timings"]["ttft_ms"],
+                    "diverge": divergence(hit["tokens"], cold["tokens"]),
+                    "agree": sum(
+                        1 for x, y in zip(hit["tokens"], cold["tokens"], strict=False) if x == y
+                    ),
+                }
+            pairs.append(record)
+    write_result(NAME, top + report(pairs, args.continuation))
+
+
+def _summary(pairs: list[dict[str, Any]], mode: str, n: int) -> list[str]:
+    if not pairs:
+        return [mode, "0", "-", "-", "-", "-", "-"]
+    equal = sum(1 for p in pairs if p[mode]["tokens"] == p["cold"])
+    positions = sum(p[mode]["agree"] for p in pairs) / (n * len(pairs))
+    diverged = [p[mode]["diverge"] for p in pairs if p[mode]["tokens"] != p["cold"]]
+    hits = sum(1 for p in pairs if p[mode]["kind"] != "cold")
+    restored = sum(p[mode]["cached"] for p in pairs) / sum(p["prefix"] for p in pairs)
+    return [
+        mode,
+        str(len(pairs)),
+        f"{equal} ({100 * equal / len(pairs):.0f}%)",
+        f"{100 * positions:.1f}%",
+        f"{median(diverged):.0f} (min {min(diverged)})" if diverged else "-",
+        f"{hits}",
+        f"{100 * restored:.0f}%",
+    ]
+
+
+def report(pairs: list[dict[str, Any]], n: int) -> str:
+    detail = []
+    for i, p in enumerate(pairs):
+        row: list[object] = [i + 1, p["prefix"], p["suffix"]]
+        for mode in MODES:
+            m = p[mode]
+            verdict = "=" if m["tokens"] == p["cold"] else f"differs at {m['diverge']}"
+            row.append(f"{m['kind']} {m['cached']}: {verdict}")
+        detail.append(row)
+    headers = ["subset", "pairs", "continuation == cold", "positions agreeing",
+               "first divergence, median", "hits", "prefix tokens restored"]  # fmt: skip
+    summary = []
+    short = [p for p in pairs if p["suffix"] < 64]
+    long = [p for p in pairs if p["suffix"] >= 64]
+    for mode in MODES:
+        for label, subset in (("all", pairs), ("suffix < 64", short), ("suffix >= 64", long)):
+            line = _summary(subset, mode, n)
+            line[0] = f"{mode}, {label}"
+            summary.append(line)
+    ttft = [
+        [
+            "median time to first token (ms)",
+            f"{median([p['cold_ttft'] for p in pairs]):.0f}",
+            *(f"{median([p[m]['ttft'] for p in pairs]):.0f}" for m in MODES),
+        ]
+    ]
+    return "\n".join(
+        [
+            f"{len(pairs)} pairs; greedy continuation of {n} tokens compared with the cold run "
+            "of the same prompt (reference model, saves off). In the detail, `prefix 812: =` "
+            "means a prefix hit restoring 812 tokens whose continuation equals the cold one.",
+            "",
+            table(headers, summary),
+            "",
+            table(["", "cold", *MODES], ttft),
+            "",
+            "## Every pair",
+            "",
+            table(["pair", "prefix", "suffix", *MODES], detail),
+        ]
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,89 @@
+"""Run every benchmark, one after the other, each in its own process (``make bench``).
+
+Run from the repository root::
+
+    .venv/bin/python -m bench.run [--only warm_start,decode_speed] [--quick]
+
+Each benchmark writes ``bench/results/<name>.md`` and prints it; this runner
+adds nothing but the order, a time limit per benchmark and a summary. With
+``--quick`` every benchmark runs with fewer repetitions (a smoke run: the
+figures are then too noisy to quote). ``trie_bench`` only prints, so its
+output is saved as ``bench/results/trie_bench.md`` here. See bench/README.md
+for what each benchmark measures and how to read it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from bench.common import RESULTS
+
+REPO = Path(__file__).resolve().parents[1]
+# (name, arguments of a full run, arguments of a quick run, time limit in seconds)
+BENCHMARKS: list[tuple[str, list[str], list[str], int]] = [
+    ("warm_start", [], ["--sizes", "512,2000", "--reps", "1", "--warm", "3"], 5400),
+    ("decode_speed", [], ["--reps", "4"], 1800),
+    ("save_stall", [], ["--reps", "1", "--tokens", "256"], 3600),
+    ("multi_turn", [], ["--conversations", "2", "--turns", "3"], 3600),
+    ("prefix_agreement", [], ["--pairs", "6"], 5400),
+    ("cache_io", [], [], 1800),
+    ("trie_bench", [], [], 600),
+]
+PRINT_ONLY = {"trie_bench"}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", default="", help="comma-separated benchmark names")
+    parser.add_argument("--quick", action="store_true", help="fewer repetitions (smoke run)")
+    args = parser.parse_args()
+    wanted = [n for n in args.only.split(",") if n]
+    known = [name for name, *_ in BENCHMARKS]
+    unknown = [n for n in wanted if n not in known]
+    if unknown:
+        parser.error(f"unknown benchmark(s) {', '.join(unknown)}; known: {', '.join(known)}")
+    summary: list[tuple[str, str, float]] = []
+    for name, full, quick, limit in BENCHMARKS:
+        if wanted and name not in wanted:
+            continue
+        if importlib.util.find_spec(f"bench.{name}") is None:
+            summary.append((name, "absent", 0.0))
+            continue
+        command = [sys.executable, "-m", f"bench.{name}", *(quick if args.quick else full)]
+        print(f"\n=== {' '.join(command[1:])}", flush=True)
+        started = time.monotonic()
+        try:
+            if name in PRINT_ONLY:
+                done = subprocess.run(
+                    command, cwd=REPO, timeout=limit, capture_output=True, text=True, check=False
+                )
+                code = done.returncode
+                print(done.stdout, end="")
+                print(done.stderr, end="", file=sys.stderr)
+                if code == 0:
+                    RESULTS.mkdir(parents=True, exist_ok=True)
+                    (RESULTS / f"{name}.md").write_text(
+                        f"# {name}\n\n`.venv/bin/python -m bench.{name}`\n\n```\n"
+                        f"{done.stdout.rstrip()}\n```\n",
+                        encoding="utf-8",
+                    )
+            else:
+                code = subprocess.run(command, cwd=REPO, timeout=limit, check=False).returncode
+            status = "ok" if code == 0 else f"failed ({code})"
+        except subprocess.TimeoutExpired:
+            status = f"timed out after {limit} s"
+        summary.append((name, status, time.monotonic() - started))
+    print("\n=== summary")
+    for name, status, seconds in summary:
+        print(f"{name:18} {status:24} {seconds:7.0f} s")
+    if any(status not in ("ok", "absent") for _, status, _ in summary):
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
