@@ -189,6 +189,24 @@ class CacheHandle:
         counters.incr("longest_prefix_probes")
         return hit
 
+    def prefix_candidates(
+        self, namespace: Namespace, tokens: TokenInput | bytes, limit: int = 8, min_tokens: int = 1
+    ) -> list[tuple[RowInfo, int]]:
+        """Rows that can serve a prompt, best first, with the tokens each shares with it.
+
+        The first is `longest_prefix`'s ``common`` row; rows that are whole
+        prefixes of the prompt come where their length puts them. For a model
+        that may have to pass over a row (one it may not use, or one that fails
+        to load). Reads the trie without the mailbox.
+        """
+        token_bytes = tokens if isinstance(tokens, bytes) else encode_tokens(tokens)
+        started = time.perf_counter_ns()
+        found = self.shared.index().prefix_candidates(namespace, token_bytes, limit, min_tokens)
+        counters = self.shared.counters
+        counters.incr("longest_prefix_ns", time.perf_counter_ns() - started)
+        counters.incr("longest_prefix_probes")
+        return found
+
     def longest_prefix_stride(
         self, namespace: Namespace, tokens: TokenInput | bytes, stride: int, minimum: int
     ) -> tuple[int, RowInfo] | None:
@@ -279,6 +297,11 @@ class CacheHandle:
         target = memoryview(allocate(view.nbytes)).cast("B")
         target[: view.nbytes] = view
         return target[: view.nbytes].toreadonly()
+
+    @property
+    def promotes_on_hit(self) -> bool:
+        """Whether hits in a slower tier are copied to RAM (``promote_on_hit``)."""
+        return self.shared.settings.promote_on_hit
 
     def ram_payload(self, claim: Claim) -> Any:
         """The stored payload object of a claimed RAM row (for zero-copy handoff), or None."""

@@ -158,6 +158,22 @@ class CacheIndex:
                 return None
             return PrefixHit(covered=covered, common=common, common_len=common_len)
 
+    def prefix_candidates(
+        self, namespace: Namespace, prompt: bytes, limit: int, min_tokens: int = 1
+    ) -> list[tuple[RowInfo, int]]:
+        """Up to `limit` rows sharing at least `min_tokens` tokens with `prompt`, best
+        first (most shared tokens, then shortest), each with the shared length."""
+        with self.lock:
+            trie = self._tries.get(namespace.prefix)
+            if trie is None:
+                return []
+            out: list[tuple[RowInfo, int]] = []
+            for candidate in trie.candidates(prompt, limit, max(1, min_tokens)):
+                row = self._fastest(candidate.key)
+                if row is not None:
+                    out.append((self._info(row), candidate.usable))
+            return out
+
     def rows(self) -> list[RowInfo]:
         """Every row and every save in flight."""
         with self.lock:

@@ -365,7 +365,12 @@ class ModelActor(SupervisedActor):
                     self.cachepath.save(r, "cold")
                 if r.end_save_at == pos:
                     r.end_save_at = None
-                    self.cachepath.save(r, "cold" if r.cache_kind == "cold" else "continued")
+                    if r.prefill_only or r.max_tokens == 0:
+                        self.cachepath.save(r, self._end_reason(r))
+                    else:
+                        # Sampling the first token does not touch the KV cells: pack
+                        # after it, so the save is not on the time to first token.
+                        r.deferred_save = self._end_reason(r)
                 if not r.cursor:
                     r.t_prefill_done = time.perf_counter()
                     if r.prefill_only or r.max_tokens == 0:
@@ -387,6 +392,7 @@ class ModelActor(SupervisedActor):
             self.shared.obs.tokens_generated += 1
             delta = r.text.feed(piece)
             r.sink.delta(delta, (token,))
+            self._run_deferred_save(r)
             if r.text.match is not None:
                 r.finishing = True
                 r.finish_reason = "stop"
@@ -398,8 +404,22 @@ class ModelActor(SupervisedActor):
             elif should_continued_save(len(r.context), r.last_save_at, policy):
                 self.cachepath.save(r, "continued")
 
+    def _run_deferred_save(self, r: Request) -> None:
+        """The prompt-end save held back until the first token was sampled."""
+        if r.deferred_save is not None:
+            assert self.cachepath is not None
+            reason, r.deferred_save = r.deferred_save, None
+            self.cachepath.save(r, reason)
+
+    def _end_reason(self, r: Request) -> str:
+        """Reason of the save at the end of a prompt: ``cold`` when its state is what a
+        cold run computes (a cold path, or any path in deterministic mode)."""
+        return "cold" if r.cache_kind == "cold" or self.shared.deterministic else "continued"
+
     def _finish(self, r: Request, *, save: bool = True) -> None:
         assert self.cachepath is not None
+        if save:
+            self._run_deferred_save(r)
         tail = r.text.flush()
         if tail:
             r.sink.delta(tail, ())

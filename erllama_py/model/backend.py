@@ -340,8 +340,13 @@ class Backend(Protocol):
         ``n`` equals its length."""
         ...
 
-    def pack(self, seq: int, allow_no_logits: bool = False) -> StateBuffer:
-        """Save ``seq`` (state + last logits) into a new :class:`StateBuffer`."""
+    def pack(self, seq: int, allow_no_logits: bool = False, canonical: bool = False) -> StateBuffer:
+        """Save ``seq`` (state + last logits) into a new :class:`StateBuffer`.
+
+        With ``canonical`` the sequence then continues from the saved state
+        itself (restored in place), so that what it computes next is exactly
+        what a restore of this state computes (see the llama backend).
+        """
         ...
 
     def unpack(self, seq: int, buf: StateBuffer | memoryview | bytes | bytearray) -> int:

@@ -35,6 +35,8 @@ from erllama_py.model.statebuf import StateBuffer
 __all__ = ["CachePath", "Deferred"]
 
 log = logging.getLogger("erllama_py.model")
+PREFIX_CANDIDATES = 16  # rows looked at for a prefix hit
+PREFIX_ATTEMPTS = 3  # restores tried before going cold (a row may fail to load)
 
 
 class Deferred(Exception):
@@ -106,26 +108,36 @@ class CachePath:
         return True
 
     def _prefix(self, r: Request) -> bool:
+        """The row sharing the most tokens with the prompt that can be restored.
+
+        Rows the mode may not use are passed over, and so are rows that would
+        need a cut the KV layout cannot make: a sliding-window cache keeps only
+        the last ``n_swa`` cells of a restored state, so a row longer than the
+        window can only be restored whole.
+        """
         n = len(r.prompt)
-        hit = self.cache.longest_prefix(self.namespace, r.prompt)
-        if hit is None:
-            return False
-        floor = max(1, self.shared.policy.min_tokens or 1)
-        n_batch = self.shared.info.n_batch
-        candidates: list[tuple[int, RowInfo]] = []
-        if hit.covered is not None and hit.covered.n_tokens < n:
-            candidates.append((hit.covered.n_tokens, hit.covered))
-        if hit.common is not None:
-            candidates.append((min(hit.common_len, n - 1), hit.common))
-        for common, info in sorted(candidates, key=lambda c: -c[0]):
-            usable = common - common % n_batch if self.shared.deterministic else common
+        policy = self.shared.policy
+        info_model = self.shared.info
+        floor = max(1, policy.min_tokens or 1)
+        tried = 0
+        for info, shared_len in self.cache.prefix_candidates(
+            self.namespace, r.prompt, PREFIX_CANDIDATES, floor
+        ):
+            usable = min(shared_len, n - 1)
+            if self.shared.deterministic:
+                usable -= usable % info_model.n_batch
             if usable < floor or not self._allowed(info):
                 continue
             cut = usable if usable < info.n_tokens else None
+            if cut is not None and 0 < info_model.n_swa < info.n_tokens:
+                continue
+            tried += 1
             if self._restore(r, info.key, info.n_tokens, cut=cut):
                 self._warm(r, "prefix", usable)
                 self.counters.incr("hits_prefix")
                 return True
+            if tried >= PREFIX_ATTEMPTS:
+                break
         return False
 
     def _warm(self, r: Request, kind: str, restored: int) -> None:
@@ -200,7 +212,7 @@ class CachePath:
             ):
                 self.client.clear_seq(r.seq)
                 return False
-            if owned is not None and claim.kind != "ram":
+            if owned is not None and claim.kind != "ram" and self.cache.promotes_on_hit:
                 self.cache.promote(claim, owned, owns_payload=True)
                 owned = None
             return True
@@ -254,7 +266,9 @@ class CachePath:
             return self._duplicate(r, key)
         started = time.perf_counter_ns()
         try:
-            buffer = self.client.pack(r.seq)
+            # Saves a later request may resume from mid-generation (cold, continued) make
+            # the live run continue from the saved state, so that resumes are exact.
+            buffer = self.client.pack(r.seq, canonical=reason in ("cold", "continued"))
         except InvalidRequestError as exc:  # no logits yet (a restore was just cut back)
             log.debug("%s save skipped: %s", reason, exc)
             return None

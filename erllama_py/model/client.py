@@ -189,11 +189,11 @@ class WorkerClient:
     def reset(self) -> None:
         self.call(Reset())
 
-    def pack(self, seq: int) -> StateBuffer:
+    def pack(self, seq: int, canonical: bool = False) -> StateBuffer:
         """Save a sequence into a new shared buffer (its pages are the worker's: no copy)."""
         with self._lock:
             try:
-                self.process.channel.send(Pack(seq))
+                self.process.channel.send(Pack(seq, canonical))
                 reply = self.process.channel.recv()
                 if reply[0] != "ok_fd":
                     self._result(reply)

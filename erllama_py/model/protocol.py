@@ -111,9 +111,13 @@ class Step:
 
 @dataclass(frozen=True)
 class Pack:
-    """Save a sequence; the reply frame is followed by the buffer's descriptor."""
+    """Save a sequence; the reply frame is followed by the buffer's descriptor.
+
+    ``canonical``: continue from the saved state itself (see `Backend.pack`).
+    """
 
     seq: int
+    canonical: bool = False
 
 
 @dataclass(frozen=True)

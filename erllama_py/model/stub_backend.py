@@ -411,7 +411,7 @@ class StubBackend:
 
     # ------------------------------------------------------------ pack/unpack
 
-    def pack(self, seq: int, allow_no_logits: bool = False) -> StateBuffer:
+    def pack(self, seq: int, allow_no_logits: bool = False, canonical: bool = False) -> StateBuffer:
         """Save ``seq``: its logits (see :func:`stub_logits`) and token list."""
         st = self._seq(seq)
         if not st.has_logits and not allow_no_logits:

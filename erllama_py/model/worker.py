@@ -134,7 +134,7 @@ class _Server:
             b.free_sampler(command.sampler)
             return None
         if isinstance(command, Pack):
-            return b.pack(command.seq)
+            return b.pack(command.seq, canonical=command.canonical)
         if isinstance(command, Unpack):
             assert buffer is not None
             return b.unpack(command.seq, buffer)
