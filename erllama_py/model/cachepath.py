@@ -198,11 +198,11 @@ class CachePath:
                 must_equal is not None and claim.tokens != must_equal
             ):
                 return False
-            buffer, owned = self._payload(claim)
+            buffer, owned, size = self._payload(claim)
             if buffer is None:
                 return False
             try:
-                restored = self.client.unpack(r.seq, buffer)
+                restored = self.client.unpack(r.seq, buffer, size)
             except CacheFormatError as exc:
                 log.warning("row %s does not restore (%s); dropping it", key.hex(), exc.reason)
                 self.cache.drop(claim, exc.reason)
@@ -219,26 +219,29 @@ class CachePath:
         finally:
             self.cache.checkin(claim)
             if owned is not None:
-                with contextlib.suppress(BufferError):
-                    owned.close()
+                self._give_back(owned)
 
-    def _payload(self, claim: Claim) -> tuple[StateBuffer | None, StateBuffer | None]:
-        """The shared buffer to hand to the worker, and the one we own (to close or promote)."""
+    def _payload(self, claim: Claim) -> tuple[StateBuffer | None, StateBuffer | None, int]:
+        """The shared buffer to hand to the worker, the one we own (to give back, close
+        or promote), and the payload's size."""
         if claim.kind == "ram":
             view = self.cache.load(claim)  # verifies the checksum; no copy
             if view is None:
-                return None, None
+                return None, None, 0
             stored: Any = self.cache.ram_payload(claim)
             if isinstance(stored, StateBuffer) and not stored.closed:
-                return stored, None
+                return stored, None, view.nbytes
             copy = StateBuffer.create(view.nbytes)
             copy.view()[: view.nbytes] = view
-            return copy, copy
+            return copy, copy, view.nbytes
+        promote = self.cache.promotes_on_hit
         holder: list[StateBuffer] = []
 
         def allocate(size: int) -> memoryview:
-            holder.append(StateBuffer.create(size))
-            return holder[0].view()
+            # A promoted buffer becomes the RAM row: it must be exactly the payload's size.
+            buffer = StateBuffer.create(size) if promote else self.shared.buffers.acquire(size)
+            holder.append(buffer)
+            return buffer.view()[:size]
 
         try:
             loaded = self.cache.load(claim, allocate, promote=False)
@@ -246,10 +249,18 @@ class CachePath:
             loaded = None
         if loaded is None:
             for buffer in holder:
-                buffer.close()
-            return None, None
+                self._give_back(buffer)
+            return None, None, 0
+        size = loaded.nbytes
         del loaded
-        return holder[0], holder[0]
+        return holder[0], holder[0], size
+
+    def _give_back(self, buffer: StateBuffer) -> None:
+        if self.cache.promotes_on_hit:
+            with contextlib.suppress(BufferError):
+                buffer.close()
+        else:
+            self.shared.buffers.release(buffer)
 
     # ------------------------------------------------------------------ save
 

@@ -203,11 +203,12 @@ class WorkerClient:
                 raise self.crashed() from None
         return StateBuffer.from_fd(fds[0], reply[1], take_ownership=True)
 
-    def unpack(self, seq: int, buffer: StateBuffer) -> int:
-        """Restore a sequence from a shared buffer; returns the tokens restored."""
+    def unpack(self, seq: int, buffer: StateBuffer, size: int | None = None) -> int:
+        """Restore a sequence from the first `size` bytes (default: all) of a shared
+        buffer; returns the tokens restored."""
         with self._lock:
             try:
-                self.process.channel.send(Unpack(seq, buffer.size))
+                self.process.channel.send(Unpack(seq, buffer.size if size is None else size))
                 self.process.channel.send_fds(FD_MARK, [buffer.fd])
                 reply = self.process.channel.recv()
             except (EOFError, OSError):

@@ -213,4 +213,5 @@ class ModelRegistry(SupervisedActor):
                 log.warning("unload of %s: %s", entry.name, exc)
         if entry.sup.is_alive():
             entry.sup.stop(block=True, timeout=UNLOAD_TIMEOUT_S)
+        entry.shared.buffers.clear()
         self.table.remove(entry.name)

@@ -13,6 +13,7 @@ from erllama_py.cache.handle import CacheHandle
 from erllama_py.cache.key import Namespace, ctx_params_hash
 from erllama_py.cache.policy import SavePolicy
 from erllama_py.model.backend import ModelInfo
+from erllama_py.model.bufpool import BufferPool
 from erllama_py.model.protocol import WorkerSpec
 from supervisors import Registry
 
@@ -64,6 +65,7 @@ class ModelShared:
     worker_starts: int = 0
     unloading: bool = False
     fingerprint: bytes | None = None
+    buffers: BufferPool = field(default_factory=BufferPool)
 
     @property
     def info(self) -> ModelInfo:

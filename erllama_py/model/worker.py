@@ -16,6 +16,7 @@ from typing import Any
 
 from erllama_py.errors import ErllamaError, ModelLoadError
 from erllama_py.model.backend import Backend, Generate, Prefill
+from erllama_py.model.mapcache import MappingCache
 from erllama_py.model.protocol import (
     FD_MARK,
     ChatTemplate,
@@ -72,6 +73,7 @@ class _Server:
         self.channel = channel
         self.backend = backend
         self.samplers: set[int] = set()
+        self.mappings = MappingCache()
 
     def serve(self) -> None:
         while True:
@@ -93,7 +95,7 @@ class _Server:
                 self.channel.send(("error", type(exc).__name__, repr(exc), None))
                 continue
             finally:
-                if buffer is not None:
+                if buffer is not None and not self.mappings.owns(buffer):
                     buffer.close()
             if isinstance(result, StateBuffer):
                 self._send_buffer(result)
@@ -104,7 +106,7 @@ class _Server:
         _data, fds = self.channel.recv_fds(len(FD_MARK), 1)
         if not fds:
             raise ModelLoadError("unpack: no descriptor received")
-        return StateBuffer.from_fd(fds[0], size, take_ownership=True)
+        return self.mappings.open(fds[0], size)
 
     def _send_buffer(self, buffer: StateBuffer) -> None:
         try:
