@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import functools
 import hashlib
 import io
 import os
@@ -180,6 +181,20 @@ def drop_page_cache(path: str | os.PathLike[str]) -> None:
 # ---------------------------------------------------------------- the peer
 
 
+@functools.cache
+def _model_has_swa() -> bool:
+    """Whether the benchmark model has a sliding window (llama.cpp reads its hyperparameters)."""
+    import llama_cpp as lc
+
+    params = lc.llama_model_default_params()
+    with quiet():
+        model = lc.llama_model_load_from_file(str(model_path()).encode(), params)
+    try:
+        return int(lc.llama_model_n_swa(model)) > 0
+    finally:
+        lc.llama_model_free(model)
+
+
 def llama(**overrides: Any) -> Any:
     """llama-cpp-python's `Llama` on the same model, configured like our worker's context."""
     from llama_cpp import Llama
@@ -190,7 +205,9 @@ def llama(**overrides: Any) -> Any:
         "n_ubatch": N_BATCH,
         "n_threads": N_THREADS,
         "n_threads_batch": N_THREADS,
-        "flash_attn": True,
+        # Our worker turns flash attention off for sliding-window models (gemma-3) and
+        # on otherwise; llama-cpp-python's own default is off.
+        "flash_attn": _model_has_swa() is False,
         "swa_full": False,
         "verbose": False,
     }
