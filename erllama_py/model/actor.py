@@ -343,7 +343,11 @@ class ModelActor(SupervisedActor):
         if not r.cursor:  # an exact hit: nothing to prefill, decoding starts now
             r.t_prefill_done = time.perf_counter()
         if not r.prefill_only:
-            r.sampler = client.new_sampler(r.options.sampling.to_dict(), r.prompt)
+            config = r.options.sampling.to_dict()
+            if config.get("grammar") is None and config.get("json_schema") is None:
+                r.sampler_spec = (config, list(r.prompt))  # cannot fail: validated here
+            else:
+                r.sampler = client.new_sampler(config, r.prompt)
         if r.cursor == [] and (r.prefill_only or r.max_tokens == 0):
             r.finishing = True
             r.finish_reason = "length"
@@ -377,7 +381,9 @@ class ModelActor(SupervisedActor):
                         r.finishing = True
                         r.finish_reason = "length"
                 continue
-            token, eog, piece = result
+            token, eog, piece = result[:3]
+            if len(result) > 3:
+                r.sampler, r.sampler_spec = result[3], None
             if r.pending is not None:
                 r.context.append(r.pending)  # decoded by this step
                 r.pending = None

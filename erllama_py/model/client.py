@@ -170,8 +170,10 @@ class WorkerClient:
     def free_sampler(self, sampler: int) -> None:
         self.call(FreeSampler(sampler))
 
-    def step(self, ops: Sequence[StepOp]) -> list[tuple[int, bool, bytes] | None]:
-        result: list[tuple[int, bool, bytes] | None] = self.call(Step(list(ops)))
+    def step(self, ops: Sequence[StepOp]) -> list[tuple[Any, ...] | None]:
+        """One tick. Per op: None (prefill) or (token, eog, piece bytes[, id of the
+        sampler created for a ``gen`` op that sent its config instead of an id])."""
+        result: list[tuple[Any, ...] | None] = self.call(Step(list(ops)))
         return result
 
     def truncate(self, seq: int, n: int) -> bool:

@@ -740,6 +740,12 @@ class LlamaBackend:
 
     def _sample_array(self, ch: _Chain, logits: np.ndarray) -> int:
         """``llama_sampler_sample`` on a float buffer, with a grammar check."""
+        if ch.grammar is None and ch.penalties_index is None and ch.cfg.greedy:
+            # A plain greedy chain picks the first largest logit, as np.argmax does; this
+            # skips building a 262k-entry candidate array on the warm-start path.
+            token = int(np.argmax(logits))
+            _L.llama_sampler_accept(ch.ptr, token)
+            return token
         td = self._td
         self._td_ids[:] = self._ids
         td[:, 1] = logits

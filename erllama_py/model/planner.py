@@ -62,9 +62,12 @@ def plan_tick(
     planned: list[Planned] = []
     budget = n_batch
     for r in active:
-        if r.decode_ready and r.sampler is not None and not r.prefill_only:
+        if r.decode_ready and not r.prefill_only:
+            sampler: object = r.sampler if r.sampler is not None else r.sampler_spec
+            if sampler is None:
+                continue
             assert r.seq is not None
-            planned.append(Planned(r, ("gen", r.seq, r.sampler, r.pending), 1))
+            planned.append(Planned(r, ("gen", r.seq, sampler, r.pending), 1))
             budget -= r.pending is not None
     for r in active:
         if budget <= 0:

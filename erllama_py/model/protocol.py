@@ -99,7 +99,9 @@ class FreeSampler:
 
 
 StepOp = tuple[Any, ...]
-"""``("prefill", seq, tokens)`` or ``("gen", seq, sampler, pending token or None)``."""
+"""``("prefill", seq, tokens)`` or ``("gen", seq, sampler, pending token or None)``,
+where ``sampler`` is an id, or ``(config, history)`` to create one with this step (its
+id then comes back as a fourth item of the op's result)."""
 
 
 @dataclass(frozen=True)

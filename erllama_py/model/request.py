@@ -104,6 +104,9 @@ class Request:
     # Invariant: context == the tokens whose state the worker's sequence `seq` holds.
     seq: int | None = None
     sampler: int | None = None
+    # A sampler the worker creates with the request's first token (no round trip of
+    # its own): (config, history), until the worker answers with its id.
+    sampler_spec: tuple[dict[str, Any], list[int]] | None = None
     context: list[int] = field(default_factory=list)
     cursor: list[int] = field(default_factory=list)
     cold_save_at: int | None = None

@@ -158,20 +158,35 @@ class _Server:
             return None
         raise TypeError(f"unknown worker command {command!r}")
 
-    def _step(self, command: Step) -> list[tuple[int, bool, bytes] | None]:
+    def _step(self, command: Step) -> list[tuple[Any, ...] | None]:
         ops: list[Prefill | Generate] = []
-        for op in command.ops:
-            if op[0] == "prefill":
-                ops.append(Prefill(op[1], op[2]))
-            else:
-                ops.append(Generate(op[1], op[2], op[3]))
-        results = self.backend.step(ops)
-        out: list[tuple[int, bool, bytes] | None] = []
-        for result in results:
+        created: dict[int, int] = {}  # op index -> sampler created for it
+        try:
+            for i, op in enumerate(command.ops):
+                if op[0] == "prefill":
+                    ops.append(Prefill(op[1], op[2]))
+                    continue
+                sampler = op[2]
+                if not isinstance(sampler, int):  # (config, history): create it now
+                    sampler = self.backend.new_sampler(sampler[0], sampler[1])
+                    self.samplers.add(sampler)
+                    created[i] = sampler
+                ops.append(Generate(op[1], sampler, op[3]))
+            results = self.backend.step(ops)
+        except BaseException:
+            for sampler in created.values():
+                self.samplers.discard(sampler)
+                self.backend.free_sampler(sampler)
+            raise
+        out: list[tuple[Any, ...] | None] = []
+        for i, result in enumerate(results):
             if result is None:
                 out.append(None)
+                continue
+            piece = b"" if result.eog else self.backend.token_piece(result.token)
+            if i in created:
+                out.append((result.token, result.eog, piece, created[i]))
             else:
-                piece = b"" if result.eog else self.backend.token_piece(result.token)
                 out.append((result.token, result.eog, piece))
         return out
 
