@@ -3,6 +3,12 @@
 Increments are cheap and thread-safe (one small lock); `snapshot()` returns a
 frozen `CounterSnapshot` readable from any thread without touching the meta
 actor's mailbox.
+
+``saved_bytes`` / ``loaded_bytes`` count payload bytes stored and loaded;
+``save_bytes_copied`` / ``load_bytes_copied`` count how many of them were
+copied from one buffer to another on the way (a RAM row kept by reference: 0;
+a file written or read: each byte once). The serialisation of the KV state by
+llama.cpp into a shared buffer, and back, is the state itself, not a copy.
 """
 
 from __future__ import annotations
@@ -43,6 +49,10 @@ COUNTER_NAMES: tuple[str, ...] = (
     "adoptions",
     "temp_files_swept",
     "load_misses",
+    "saved_bytes",
+    "save_bytes_copied",
+    "loaded_bytes",
+    "load_bytes_copied",
 )
 
 _GAUGES = frozenset({"bytes_ram", "bytes_ramfile", "bytes_disk"})
@@ -95,6 +105,10 @@ class CounterSnapshot:
     adoptions: int = 0
     temp_files_swept: int = 0
     load_misses: int = 0
+    saved_bytes: int = 0
+    save_bytes_copied: int = 0
+    loaded_bytes: int = 0
+    load_bytes_copied: int = 0
     tiers: tuple[TierStats, ...] = field(default=())
 
     def to_dict(self) -> dict[str, Any]:

@@ -274,6 +274,7 @@ class CacheHandle:
                 self._meta.tell("remove_corrupt", claim.key, claim.tier, "missing")
                 self.shared.counters.incr("load_misses")
                 return None
+            self.count_load(payload.nbytes, copied=payload.nbytes)  # file -> one buffer
             if promote is None:
                 promote = self.shared.settings.promote_on_hit and allocate is None
             if promote:
@@ -293,10 +294,19 @@ class CacheHandle:
             self.shared.counters.incr("load_misses")
             return None
         if allocate is None:
+            self.count_load(view.nbytes, copied=0)
             return view
         target = memoryview(allocate(view.nbytes)).cast("B")
         target[: view.nbytes] = view
+        self.count_load(view.nbytes, copied=view.nbytes)
         return target[: view.nbytes].toreadonly()
+
+    def count_load(self, nbytes: int, *, copied: int) -> None:
+        """Count `nbytes` of payload loaded, `copied` of them copied on the way
+        (``loaded_bytes``, ``load_bytes_copied``); for callers that copy a loaded view."""
+        counters = self.shared.counters
+        counters.incr("loaded_bytes", nbytes)
+        counters.incr("load_bytes_copied", copied)
 
     @property
     def promotes_on_hit(self) -> bool:
@@ -351,7 +361,10 @@ class CacheHandle:
             return None
         try:
             view = self.load(claim)
-            return None if view is None else bytes(view)
+            if view is None:
+                return None
+            self.count_load(0, copied=view.nbytes)  # the copy out to bytes
+            return bytes(view)
         finally:
             self.checkin(claim)
 

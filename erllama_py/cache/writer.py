@@ -78,6 +78,9 @@ class SaveResult:
     tier: str
     size: int
     status: Literal["saved", "already_present", "adopted"]
+    # Payload bytes this save stored, and how many of them it copied to do so.
+    payload_bytes: int = 0
+    copied_bytes: int = 0
 
 
 @dataclass
@@ -227,6 +230,8 @@ def _count(result: SaveResult, job: SaveJob, counters: Counters) -> None:
         counters.incr(SAVE_COUNTERS.get(job.reason, "saves_finish"))
     if result.status == "adopted":
         counters.incr("adoptions")
+    counters.incr("saved_bytes", result.payload_bytes)
+    counters.incr("save_bytes_copied", result.copied_bytes)
 
 
 def _save_ram(job: SaveJob, tier: str, meta: MetaPort) -> SaveResult:
@@ -236,6 +241,7 @@ def _save_ram(job: SaveJob, tier: str, meta: MetaPort) -> SaveResult:
         # A caller's mutable buffer: the RAM tier must own an immutable copy.
         payload = bytes(memoryview(_payload_buffer(payload)).cast("B"))
     size = _payload_len(payload)
+    copied = 0 if payload is job.payload else size
     entry = RamEntry(
         key=key,
         namespace=job.namespace,
@@ -254,7 +260,7 @@ def _save_ram(job: SaveJob, tier: str, meta: MetaPort) -> SaveResult:
         raise
     if payload is not job.payload and job.owns_payload:
         release_payload(job.payload)
-    return SaveResult(key, info.tier, info.size, "saved")
+    return SaveResult(key, info.tier, info.size, "saved", size, copied)
 
 
 def _save_file(
@@ -288,6 +294,7 @@ def _save_file(
         buffer = _payload_buffer(job.payload)
         meta.set_temp_path(key, tier, token, temp)
         store.write_temp(temp, prefix, buffer)
+        written = memoryview(buffer).nbytes  # one copy: from the buffer to the file
         meta.check_reservation(key, tier, token)
         final, final_size, adopted = store.link(temp, key)
         published = True
@@ -302,7 +309,8 @@ def _save_file(
             checksum=None if adopted else header.payload_checksum,
             created_ns=None if adopted else header.created,
         )
-        return SaveResult(key, tier, final_size, "adopted" if adopted else "saved")
+        status: Literal["saved", "adopted"] = "adopted" if adopted else "saved"
+        return SaveResult(key, tier, final_size, status, written, written)
     except ReservationError:
         if not published:
             _remove(temp)
@@ -311,7 +319,7 @@ def _save_file(
         info = meta.adopt_file(tier, key, store.final_path(key))
         if info is None:
             raise
-        return SaveResult(key, tier, info.size, "adopted")
+        return SaveResult(key, tier, info.size, "adopted", written, written)
     except BaseException:
         if not published:
             _remove(temp)

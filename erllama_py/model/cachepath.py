@@ -231,8 +231,10 @@ class CachePath:
             stored: Any = self.cache.ram_payload(claim)
             if isinstance(stored, StateBuffer) and not stored.closed:
                 return stored, None, view.nbytes
+            # A row saved through the cache API (bytes, not a shared buffer): one copy.
             copy = StateBuffer.create(view.nbytes)
             copy.view()[: view.nbytes] = view
+            self.cache.count_load(0, copied=view.nbytes)
             return copy, copy, view.nbytes
         promote = self.cache.promotes_on_hit
         holder: list[StateBuffer] = []

@@ -938,3 +938,32 @@ def test_two_saves_of_one_key_in_flight_conflict(cache: CacheHandle, ns: Namespa
     gated.gate.set()
     assert first.result(10).status == "saved"
     assert cache.fetch(first.key) == gated.data
+
+
+def test_counters_count_the_payload_bytes_copied_by_saves_and_loads(
+    cache: CacheHandle, ns: Namespace
+) -> None:
+    body = payload(64 * KB, seed=7)
+    ram_key = cache.save(ns, [1], body, tier="ram")  # immutable bytes: kept by reference
+    disk_key = cache.save(ns, [2], body, tier="disk")  # written to a file: one copy
+    cache.save(ns, [3], bytearray(body), tier="ram")  # a caller's mutable buffer: copied
+    counters = cache.counters()
+    assert counters.saved_bytes == 3 * len(body)
+    assert counters.save_bytes_copied == 2 * len(body)
+
+    for key, copies in ((ram_key, 0), (disk_key, 1)):
+        before = cache.counters()
+        claim = cache.claim(key)
+        assert claim is not None
+        try:
+            view = cache.load(claim, promote=False)
+            assert view is not None and bytes(view) == body
+        finally:
+            cache.checkin(claim)
+        after = cache.counters()
+        assert after.loaded_bytes - before.loaded_bytes == len(body)
+        assert after.load_bytes_copied - before.load_bytes_copied == copies * len(body)
+
+    before = cache.counters()
+    assert cache.fetch(ram_key) == body  # fetch copies out to bytes
+    assert cache.counters().load_bytes_copied - before.load_bytes_copied == len(body)

@@ -314,6 +314,25 @@ def test_counters_follow_a_session_of_requests(model):
     assert ram["bytes"] == sum(r["bytes"] for r in rt.cache_rows() if r["tier"] == "ram")
 
 
+@pytest.mark.parametrize("tier", TIERS)
+def test_a_save_and_a_restore_copy_the_state_at_most_once(rt, load, tier):
+    """The worker packs into shared memory that a RAM row keeps as it is (no copy) and
+    restores from it as it is; a file tier costs one copy each way (write, read)."""
+    m = load(rt, "tiny", f"copies-{tier}", tier=tier)
+    prompt = m.tokens("the sun and the moon and the sky were warm")
+    before = rt.counters()
+    m.complete(prompt, max_tokens=3)
+    rt.cache.wait_idle()
+    hit = m.complete(prompt, max_tokens=3)
+    rt.cache.wait_idle()
+    assert hit["cache"]["kind"] == "exact"
+    delta = counters_delta(before, rt.counters())
+    assert delta["saved_bytes"] > 0 and delta["loaded_bytes"] > 0
+    copies = 0 if tier == "ram" else 1
+    assert delta.get("save_bytes_copied", 0) == copies * delta["saved_bytes"]
+    assert delta.get("load_bytes_copied", 0) == copies * delta["loaded_bytes"]
+
+
 # --------------------------------------------------------------------------- exactness
 
 
