@@ -364,9 +364,12 @@ class ModelActor(SupervisedActor):
                 del r.cursor[: p.n]
                 r.has_logits = True
                 pos = len(r.context)
+                boundary = self._canonical_boundary(pos)
                 if r.cold_save_at == pos:
                     r.cold_save_at = None
-                    self.cachepath.save(r, "cold")
+                    self.cachepath.save(r, "cold", canonical=boundary)
+                elif boundary:
+                    self.cachepath.canonicalize(r)
                 if r.end_save_at == pos:
                     r.end_save_at = None
                     if r.prefill_only or r.max_tokens == 0:
@@ -380,6 +383,8 @@ class ModelActor(SupervisedActor):
                     if r.prefill_only or r.max_tokens == 0:
                         r.finishing = True
                         r.finish_reason = "length"
+                    elif self.shared.deterministic and r.deferred_save is None:
+                        r.deferred_save = ""  # no save here, but the same state as with one
                 continue
             token, eog, piece = result[:3]
             if len(result) > 3:
@@ -411,11 +416,27 @@ class ModelActor(SupervisedActor):
                 self.cachepath.save(r, "continued")
 
     def _run_deferred_save(self, r: Request) -> None:
-        """The prompt-end save held back until the first token was sampled."""
-        if r.deferred_save is not None:
-            assert self.cachepath is not None
-            reason, r.deferred_save = r.deferred_save, None
-            self.cachepath.save(r, reason)
+        """The prompt-end save held back until the first token was sampled.
+
+        In deterministic mode the state is canonicalized there whether a row is
+        saved or not (``deferred_save == ""``), so that outputs do not depend on
+        the save policy or on which rows already exist.
+        """
+        if r.deferred_save is None:
+            return
+        assert self.cachepath is not None
+        reason, r.deferred_save = r.deferred_save, None
+        if reason:
+            self.cachepath.save(r, reason, canonical=self.shared.deterministic)
+        else:
+            self.cachepath.canonicalize(r)
+
+    def _canonical_boundary(self, pos: int) -> bool:
+        """Whether deterministic mode canonicalizes a sequence at `pos` prompt tokens: at
+        every ``n_batch`` boundary past a sliding window, in cold and warm runs alike,
+        so that a row restored at a boundary holds the state a cold run has there."""
+        info = self.shared.info
+        return self.shared.deterministic and 0 < info.n_swa < pos and pos % info.n_batch == 0
 
     def _end_reason(self, r: Request) -> str:
         """Reason of the save at the end of a prompt: ``cold`` when its state is what a

@@ -266,8 +266,12 @@ class CachePath:
 
     # ------------------------------------------------------------------ save
 
-    def save(self, r: Request, reason: str) -> bytes | None:
-        """Pack `r`'s sequence and queue its save; returns the key, or None if refused."""
+    def save(self, r: Request, reason: str, *, canonical: bool = False) -> bytes | None:
+        """Pack `r`'s sequence and queue its save; returns the key, or None if refused.
+
+        With `canonical` the sequence continues from its saved state even when
+        the save itself is skipped (see `canonicalize`).
+        """
         assert r.seq is not None
         if not r.context or not r.has_logits:
             return None
@@ -276,12 +280,15 @@ class CachePath:
             # Already saved or being saved (an exact hit that generated one token, a repeated
             # prompt, a finish save right after the cold save of the same tokens): packing
             # megabytes only to be told "already present" would stall the model.
+            if canonical:
+                self.canonicalize(r)
             return self._duplicate(r, key)
         started = time.perf_counter_ns()
         try:
             # Saves a later request may resume from mid-generation (cold, continued) make
             # the live run continue from the saved state, so that resumes are exact.
-            buffer = self.client.pack(r.seq, canonical=reason in ("cold", "continued"))
+            canonical = canonical or reason in ("cold", "continued")
+            buffer = self.client.pack(r.seq, canonical=canonical)
         except InvalidRequestError as exc:  # no logits yet (a restore was just cut back)
             log.debug("%s save skipped: %s", reason, exc)
             return None
@@ -306,6 +313,18 @@ class CachePath:
         ticket.future.add_done_callback(_log_failure)
         r.last_save_at = len(r.context)
         return ticket.key
+
+    def canonicalize(self, r: Request) -> None:
+        """Make `r`'s sequence continue from its own packed state, without saving it.
+
+        On a sliding-window model past its window a restored state computes
+        slightly differently from the live one (`Backend.pack`); deterministic
+        mode does this at the same points in every run, whether or not a row
+        is saved there, so that the state a hit restores is the one a cold run has.
+        """
+        assert r.seq is not None
+        if r.has_logits and 0 < self.shared.info.n_swa < len(r.context):
+            self.client.pack(r.seq, canonical=True).close()
 
     def _duplicate(self, r: Request, key: bytes) -> bytes:
         self.counters.incr("duplicate_dropped")

@@ -119,7 +119,7 @@ class Request:
     cache_kind: CacheKind = "cold"
     cache_prefix_len: int = 0
     cancel_requested: bool = False
-    deferred_save: str | None = None
+    deferred_save: str | None = None  # a reason, or "" to canonicalize only (actor)
     parent_deadline: float = 0.0
     finishing: bool = False
     finish_reason: str | None = None

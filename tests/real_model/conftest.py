@@ -164,6 +164,13 @@ class RealModel:
         return self._load("deterministic", n_batch=64, deterministic=True)
 
     @property
+    def deterministic_reference(self) -> str:
+        """Deterministic mode, n_batch 64, saves off, its own identity: every run is cold."""
+        return self._load(
+            "deterministic-reference", n_batch=64, deterministic=True, policy=NO_SAVES
+        )
+
+    @property
     def reference(self) -> str:
         """The cold reference: n_batch 64, saves off, its own identity: every run is cold."""
         return self._load("reference", n_batch=64, policy=NO_SAVES)

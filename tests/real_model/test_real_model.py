@@ -333,6 +333,32 @@ def test_in_deterministic_mode_every_hit_equals_the_cold_run(real: RealModel) ->
     assert kinds[2] == "prefix:192"
 
 
+def test_in_deterministic_mode_hits_past_the_sliding_window_equal_the_cold_run(
+    real: RealModel,
+) -> None:
+    """Past a sliding window a restored state computes slightly otherwise than the live
+    one; deterministic mode canonicalizes every run at the same points (n_batch boundaries
+    and the prompt's end), so hits still equal a cold run, and outputs do not depend on
+    the save policy (the reference saves nothing)."""
+    det, ref = real.deterministic, real.deterministic_reference
+    tokens = real.tokens(real.passage("Past the window", 120))
+    assert len(tokens) >= 800
+    prompts = [tokens[:700], tokens[:780], tokens[:700], tokens[:760]]
+    kinds = []
+    for prompt in prompts:
+        expected = real.rt.complete(ref, prompt, max_tokens=12)
+        assert expected["cache"]["kind"] == "cold"
+        got = real.rt.complete(det, prompt, max_tokens=12)
+        real.rt.cache.wait_idle(30.0)
+        kinds.append(f"{got['cache']['kind']}:{got['usage']['cached_tokens']}")
+        assert got["tokens"] == expected["tokens"], f"{len(prompt)} tokens, {got['cache']}"
+    real.report(f"deterministic mode past the window, hits for 700/780/700/760 tokens: {kinds}")
+    assert kinds[0] == "cold:0"
+    assert kinds[1] == "prefix:640"
+    assert kinds[2] == "exact:700"
+    assert kinds[3].startswith("prefix:") and int(kinds[3].split(":")[1]) % 64 == 0
+
+
 def test_prefill_in_batches_of_64_gives_the_greedy_output_of_one_batch(real: RealModel) -> None:
     # Measured on this build: prefills are bit-identical whatever their split only when every
     # batch has >= 64 tokens and starts at a multiple of 4 (5 x 64 does; 374 + 103 does not).
