@@ -323,8 +323,13 @@ class MetaActor(SupervisedActor):
         index = self._index
         with index.lock:
             problems = index.check()
-            rows = [r for r in index.rows() if r.status == "available"]
+            everything = index.rows()
+        rows = [r for r in everything if r.status == "available"]
         known: dict[str, set[str]] = {name: set() for name in self.shared.files}
+        for info in everything:
+            if info.status == "writing" and info.tier in self.shared.files:
+                # A save in flight may have linked its file and not yet announced it.
+                known[info.tier].add(self.shared.files[info.tier].final_path(info.key).name)
         for info in rows:
             if info.kind == "ram":
                 entry = self.shared.ram.get(info.key)

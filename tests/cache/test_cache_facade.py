@@ -967,3 +967,35 @@ def test_counters_count_the_payload_bytes_copied_by_saves_and_loads(
     before = cache.counters()
     assert cache.fetch(ram_key) == body  # fetch copies out to bytes
     assert cache.counters().load_bytes_copied - before.load_bytes_copied == len(body)
+
+
+def test_check_accepts_a_file_linked_by_a_save_in_flight(
+    cache: CacheHandle, ns: Namespace
+) -> None:
+    """Between link(2) and the announcement a row's file exists while its row is still
+    being written: the check must not call that file unknown (it raced demotions)."""
+    from erllama_py.cache.key import encode_tokens
+    from erllama_py.cache.meta_client import meta_client
+
+    disk = tier_of(cache, "disk")
+    body = payload(4 * KB, seed=3)
+    prefix, key = kvc.build_prefix(ns, [5, 6, 7], body, "cold")
+    meta = meta_client(cache.shared)
+    token = meta.reserve(
+        key,
+        disk,
+        namespace=ns,
+        tokens=encode_tokens([5, 6, 7]),
+        size=len(prefix) + len(body),
+        reason="cold",
+        writer="test",
+    )
+    final = cache.shared.files[disk].final_path(key)
+    final.write_bytes(prefix + body)  # as if linked, not yet announced
+    try:
+        assert cache.check() == []
+    finally:
+        meta.cancel(key, disk, token)  # a writer giving up after link: its file is adopted
+    info = cache.lookup_key(key)
+    assert info is not None and info.tier == disk
+    assert cache.check() == []
