@@ -969,9 +969,7 @@ def test_counters_count_the_payload_bytes_copied_by_saves_and_loads(
     assert cache.counters().load_bytes_copied - before.load_bytes_copied == len(body)
 
 
-def test_check_accepts_a_file_linked_by_a_save_in_flight(
-    cache: CacheHandle, ns: Namespace
-) -> None:
+def test_check_accepts_a_file_linked_by_a_save_in_flight(cache: CacheHandle, ns: Namespace) -> None:
     """Between link(2) and the announcement a row's file exists while its row is still
     being written: the check must not call that file unknown (it raced demotions)."""
     from erllama_py.cache.key import encode_tokens
