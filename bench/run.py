@@ -27,6 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 # (name, arguments of a full run, arguments of a quick run, time limit in seconds)
 BENCHMARKS: list[tuple[str, list[str], list[str], int]] = [
     ("warm_start", [], ["--sizes", "512,2000", "--reps", "1", "--warm", "3"], 5400),
+    ("warm_path", [], ["--sizes", "512,2000", "--warm", "5"], 1800),
     ("decode_speed", [], ["--reps", "4"], 1800),
     ("save_stall", [], ["--reps", "1", "--tokens", "256"], 3600),
     ("multi_turn", [], ["--conversations", "2", "--turns", "3"], 3600),
