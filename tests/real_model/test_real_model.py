@@ -312,21 +312,31 @@ def test_a_prompt_extending_a_saved_one_is_a_prefix_hit(real: RealModel) -> None
 # ---------------------------------------------------------------- exactness across paths
 
 
+def _hits_equal_to_cold_runs(
+    real: RealModel, model: str, reference: str, prompts: list[list[int]]
+) -> list[str]:
+    """Run each prompt on `reference` (cold) then on `model`, asserting equal tokens;
+    returns `model`'s hits as ``kind:cached_tokens``."""
+    kinds = []
+    for prompt in prompts:
+        expected = real.rt.complete(reference, prompt, max_tokens=12)
+        assert expected["cache"]["kind"] == "cold"
+        got = real.rt.complete(model, prompt, max_tokens=12)
+        real.rt.cache.wait_idle(30.0)
+        kinds.append(f"{got['cache']['kind']}:{got['usage']['cached_tokens']}")
+        assert got["tokens"] == expected["tokens"], f"{len(prompt)} tokens, {got['cache']}"
+    return kinds
+
+
 def test_in_deterministic_mode_every_hit_equals_the_cold_run(real: RealModel) -> None:
     det, ref = real.deterministic, real.reference
     tokens = real.tokens(real.passage("Deterministic mode", 40))
     assert len(tokens) >= 340
     prompts = [tokens[:200], tokens[:200], tokens[:250], tokens[:330], tokens[:200]]
-    kinds = []
-    for prompt in prompts:
-        expected = real.rt.complete(ref, prompt, max_tokens=12)
-        assert expected["cache"]["kind"] == "cold"
-        got = real.rt.complete(det, prompt, max_tokens=12)
-        real.rt.cache.wait_idle(30.0)
-        kinds.append(f"{got['cache']['kind']}:{got['usage']['cached_tokens']}")
-        assert got["tokens"] == expected["tokens"], f"{len(prompt)} tokens, {got['cache']}"
-        if got["cache"]["kind"] == "prefix":
-            assert got["usage"]["cached_tokens"] % 64 == 0
+    kinds = _hits_equal_to_cold_runs(real, det, ref, prompts)
+    for kind in kinds:
+        if kind.startswith("prefix:"):
+            assert int(kind.split(":")[1]) % 64 == 0
     real.report(f"deterministic mode (n_batch 64), hits for 200/200/250/330/200 tokens: {kinds}")
     assert kinds[0].startswith("cold")
     assert kinds[1].startswith("exact")
@@ -344,14 +354,7 @@ def test_in_deterministic_mode_hits_past_the_sliding_window_equal_the_cold_run(
     tokens = real.tokens(real.passage("Past the window", 120))
     assert len(tokens) >= 800
     prompts = [tokens[:700], tokens[:780], tokens[:700], tokens[:760]]
-    kinds = []
-    for prompt in prompts:
-        expected = real.rt.complete(ref, prompt, max_tokens=12)
-        assert expected["cache"]["kind"] == "cold"
-        got = real.rt.complete(det, prompt, max_tokens=12)
-        real.rt.cache.wait_idle(30.0)
-        kinds.append(f"{got['cache']['kind']}:{got['usage']['cached_tokens']}")
-        assert got["tokens"] == expected["tokens"], f"{len(prompt)} tokens, {got['cache']}"
+    kinds = _hits_equal_to_cold_runs(real, det, ref, prompts)
     real.report(f"deterministic mode past the window, hits for 700/780/700/760 tokens: {kinds}")
     assert kinds[0] == "cold:0"
     assert kinds[1] == "prefix:640"
