@@ -26,9 +26,9 @@ from erllama_py.errors import (
     RuntimeStoppedError,
 )
 from erllama_py.model.actor import Cancel, Submit
-from erllama_py.model.options import parse_options
 from erllama_py.model.request import Event, Request, RequestSink
 from erllama_py.model.shared import actor_name, sup_name
+from erllama_py.params import parse_options
 from supervisors import NoProcError, tree, which_children
 
 __all__ = ["EventStream", "Runtime", "start"]

@@ -19,39 +19,35 @@ they can be framed with msgpack/JSON by the worker protocol.
 
 from __future__ import annotations
 
-import json
-import math
-from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
 from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 import numpy as np
 
-from erllama_py.errors import InvalidRequestError
+from erllama_py.errors import ContextOverflowError, InvalidRequestError
 from erllama_py.model.statebuf import StateBuffer
+from erllama_py.params import SamplingParams
 
 __all__ = [
-    "PENALTY_WINDOW",
     "Backend",
+    "CheckedOp",
     "Decode",
     "Generate",
-    "ModelInfo",
+    "BackendInfo",
     "Op",
     "Prefill",
     "Sampled",
-    "SamplerConfig",
     "StepResult",
+    "check_step",
     "validate_messages",
     "validate_seq",
     "validate_tokens",
 ]
 
-PENALTY_WINDOW = 64
-"""Tokens of context the repetition penalty looks at (llama-cpp-python's default)."""
-
 
 @dataclass(frozen=True, slots=True)
-class ModelInfo:
+class BackendInfo:
     """What a loaded model and its context are; JSON-serialisable via :meth:`to_dict`.
 
     ``n_ctx`` is the per-sequence limit: positions are ``< n_ctx``. ``n_batch``
@@ -105,97 +101,11 @@ class ModelInfo:
         return d
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> ModelInfo:
+    def from_dict(cls, d: Mapping[str, Any]) -> BackendInfo:
         """Inverse of :meth:`to_dict`."""
         kw = dict(d)
         kw["fingerprint"] = bytes.fromhex(kw["fingerprint"])
         kw["eog"] = tuple(kw["eog"])
-        return cls(**kw)
-
-
-def _bad(param: str, msg: str) -> InvalidRequestError:
-    return InvalidRequestError(f"{param}: {msg}", param=param)
-
-
-@dataclass(frozen=True, slots=True)
-class SamplerConfig:
-    """Sampling parameters of one request; validated on construction.
-
-    Chain order is fixed: grammar -> repetition penalty -> top-k -> top-p ->
-    min-p -> temperature -> pick. ``temperature <= 0`` picks greedily (and
-    top-k/top-p/min-p, which never drop the most likely token, are skipped);
-    otherwise the pick is a seeded draw keyed on ``(seed, position)``.
-    ``repeat_penalty`` looks at the last :data:`PENALTY_WINDOW` tokens of the
-    sequence's context. ``grammar`` is GBNF text whose start rule is ``root``;
-    ``json_schema`` (JSON text) is compiled to such a grammar. Raises
-    :class:`InvalidRequestError` naming the bad field.
-    """
-
-    temperature: float = 0.0
-    top_k: int = 0
-    top_p: float = 1.0
-    min_p: float = 0.0
-    repeat_penalty: float = 1.0
-    seed: int = 0
-    grammar: str | None = None
-    json_schema: str | None = None
-
-    def __post_init__(self) -> None:
-        for name in ("temperature", "top_p", "min_p", "repeat_penalty"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
-                raise _bad(name, f"must be a finite number, got {v!r}")
-        for name in ("top_k", "seed"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int):
-                raise _bad(name, f"must be an integer, got {v!r}")
-        if self.temperature < 0:
-            raise _bad("temperature", f"must be >= 0, got {self.temperature}")
-        if self.top_k < 0:
-            raise _bad("top_k", f"must be >= 0, got {self.top_k}")
-        if not 0 < self.top_p <= 1:
-            raise _bad("top_p", f"must be in (0, 1], got {self.top_p}")
-        if not 0 <= self.min_p <= 1:
-            raise _bad("min_p", f"must be in [0, 1], got {self.min_p}")
-        if self.repeat_penalty <= 0:
-            raise _bad("repeat_penalty", f"must be > 0, got {self.repeat_penalty}")
-        if not 0 <= self.seed < 2**64:
-            raise _bad("seed", f"must be in [0, 2**64), got {self.seed}")
-        if self.grammar is not None:
-            if not isinstance(self.grammar, str) or not self.grammar.strip():
-                raise _bad("grammar", "must be non-empty GBNF text")
-            if "\x00" in self.grammar:
-                raise _bad("grammar", "must not contain NUL")
-        if self.json_schema is not None:
-            if self.grammar is not None:
-                raise _bad("json_schema", "give either grammar or json_schema, not both")
-            if not isinstance(self.json_schema, str):
-                raise _bad("json_schema", "must be JSON text (use from_dict for a mapping)")
-            try:
-                json.loads(self.json_schema)
-            except ValueError as e:
-                raise _bad("json_schema", f"is not valid JSON: {e}") from e
-
-    @property
-    def greedy(self) -> bool:
-        """True when the pick is the argmax (``temperature <= 0``)."""
-        return self.temperature <= 0
-
-    def to_dict(self) -> dict[str, Any]:
-        """The fields as a plain dict."""
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> SamplerConfig:
-        """Build from a mapping; unknown keys raise, a mapping ``json_schema`` is encoded."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise _bad(unknown[0], "unknown sampler option")
-        kw = dict(d)
-        schema = kw.get("json_schema")
-        if isinstance(schema, Mapping):
-            kw["json_schema"] = json.dumps(schema)
         return cls(**kw)
 
 
@@ -269,7 +179,7 @@ class Backend(Protocol):
     """
 
     @property
-    def info(self) -> ModelInfo:
+    def info(self) -> BackendInfo:
         """The model and context description."""
         ...
 
@@ -299,9 +209,9 @@ class Backend(Protocol):
         ...
 
     def new_sampler(
-        self, cfg: SamplerConfig | Mapping[str, Any], history: Sequence[int] = ()
+        self, cfg: SamplingParams | Mapping[str, Any], history: Sequence[int] = ()
     ) -> int:
-        """Create a sampler (a mapping goes through :meth:`SamplerConfig.from_dict`);
+        """Create a sampler (a mapping goes through :meth:`SamplingParams.from_dict`);
         ``history`` (the sequence's context so far, prompt included) primes the
         repetition penalty window. Returns its id."""
         ...
@@ -395,6 +305,94 @@ def validate_seq(seq: int, n_seq_max: int) -> int:
             f"seq must be an int in [0, {n_seq_max}), got {seq!r}", param="seq"
         )
     return seq
+
+
+@dataclass(frozen=True, slots=True)
+class CheckedOp:
+    """An op of a step after `check_step`: the tokens it feeds (None for a sample-only op)."""
+
+    op: Op
+    tokens: np.ndarray | None
+
+
+def check_step(
+    ops: Sequence[object],
+    info: BackendInfo,
+    *,
+    seq_len: Callable[[int], int],
+    has_logits: Callable[[int], bool],
+    check_sampler: Callable[[int], object],
+    used_cells: int,
+) -> list[CheckedOp]:
+    """Validate every op of a step before anything runs; both backends call this.
+
+    Checks seq ids (none twice), samplers, token ids, logits present where an op
+    samples first, positions ``< n_ctx``, the batch ``<= n_batch`` and free KV
+    cells. `seq_len`, `has_logits` and `check_sampler` read the backend's own
+    state (they are called with valid seq ids only).
+
+    Raises:
+        InvalidRequestError, ContextOverflowError: nothing was changed.
+    """
+    checked: list[CheckedOp] = []
+    seen: set[int] = set()
+    total = 0
+    n_ctx = info.n_ctx
+
+    def need_logits(seq: int) -> None:
+        if not has_logits(seq):
+            raise InvalidRequestError(
+                f"seq {seq} has no logits to sample from (prefill it first)", param="seq"
+            )
+
+    def full(seq: int) -> ContextOverflowError:
+        return ContextOverflowError(
+            f"seq {seq} is full ({seq_len(seq)} of n_ctx {n_ctx})", info.name
+        )
+
+    for op in ops:
+        if isinstance(op, Prefill):
+            n = seq_len(validate_seq(op.seq, info.n_seq_max))
+            toks = validate_tokens(op.tokens, info.n_vocab)
+            if n + len(toks) >= n_ctx:
+                raise ContextOverflowError(
+                    f"seq {op.seq}: {n} + {len(toks)} tokens leave no room in n_ctx {n_ctx}",
+                    info.name,
+                )
+            total += len(toks)
+            checked.append(CheckedOp(op, toks))
+        elif isinstance(op, Generate):
+            validate_seq(op.seq, info.n_seq_max)
+            check_sampler(op.sampler)
+            if op.pending is None:
+                need_logits(op.seq)
+                checked.append(CheckedOp(op, None))
+            else:
+                toks = validate_tokens([op.pending], info.n_vocab)
+                if seq_len(op.seq) + 1 >= n_ctx:
+                    raise full(op.seq)
+                total += 1
+                checked.append(CheckedOp(op, toks))
+        elif isinstance(op, Decode):
+            validate_seq(op.seq, info.n_seq_max)
+            check_sampler(op.sampler)
+            need_logits(op.seq)
+            if seq_len(op.seq) >= n_ctx:
+                raise full(op.seq)
+            total += 1
+            checked.append(CheckedOp(op, None))
+        else:
+            raise InvalidRequestError(f"unknown op {op!r}", param="ops")
+        if op.seq in seen:
+            raise InvalidRequestError(f"seq {op.seq} appears twice in one step", param="ops")
+        seen.add(op.seq)
+    if total > info.n_batch:
+        raise InvalidRequestError(f"{total} tokens exceed n_batch {info.n_batch}", param="ops")
+    if used_cells + total > info.kv_size:
+        raise ContextOverflowError(
+            f"the KV cache is full ({used_cells} + {total} > {info.kv_size} cells)", info.name
+        )
+    return checked
 
 
 def validate_messages(messages: Sequence[Mapping[str, Any]]) -> list[tuple[str, str]]:

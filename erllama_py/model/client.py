@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from erllama_py.errors import ModelLoadError, WorkerCrashedError
-from erllama_py.model.backend import ModelInfo
+from erllama_py.model.backend import BackendInfo
 from erllama_py.model.protocol import (
     FD_MARK,
     ChatTemplate,
@@ -72,7 +72,7 @@ def _abort_line(tail: str) -> str:
 
 def start_worker(
     spec: WorkerSpec, timeout: float = DEFAULT_LOAD_TIMEOUT_S
-) -> tuple[ProcessChild, ModelInfo]:
+) -> tuple[ProcessChild, BackendInfo]:
     """Spawn a context worker and wait until its model is loaded.
 
     Raises:
@@ -98,7 +98,7 @@ def start_worker(
     if kind != "ready":
         _kill(process)
         raise ModelLoadError(f"cannot load model {spec.model!r}: {value}", spec.model)
-    return process, ModelInfo.from_dict(value)
+    return process, BackendInfo.from_dict(value)
 
 
 def _kill(process: ProcessChild) -> None:
@@ -112,7 +112,7 @@ def _kill(process: ProcessChild) -> None:
 class WorkerClient:
     """Calls one worker process. Thread-safe (one call at a time)."""
 
-    def __init__(self, model: str, process: ProcessChild, info: ModelInfo) -> None:
+    def __init__(self, model: str, process: ProcessChild, info: BackendInfo) -> None:
         self.model = model
         self.process = process
         self.info = info

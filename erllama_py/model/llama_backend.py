@@ -39,7 +39,7 @@ What a saved sequence state depends on (measured with this llama.cpp):
 - ``type_k`` / ``type_v`` change the row format;
 - a state saved without ``swa_full`` restores into a context with it.
 
-:attr:`ModelInfo.ctx_params` holds exactly these: ``type_k``, ``type_v``,
+:attr:`BackendInfo.ctx_params` holds exactly these: ``type_k``, ``type_v``,
 ``flash_attn``, ``kv_unified``, ``n_stream`` (``n_seq_max`` when not unified,
 else 1) and ``swa_full`` (kept because it changes the size of the state).
 
@@ -60,42 +60,28 @@ it defaults to False here, llama.cpp's own default being True. Note too that a
 sequence cut back below ``pos_min`` of its SWA cache reports ``pos_max == -1``
 though its full-attention cells remain: this backend tracks lengths itself.
 
-Logits and sampling
--------------------
-A sequence's current logits are either a row of the context's output buffer
-(after the decode that produced them) or an owned float32 copy (after an
-unpack, or when a later decode of other sequences would overwrite the
-buffer: they are copied out just before that decode). Sampling from an
-output row without a grammar goes through llama.cpp's ``llama_sampler_sample``;
-from a copy, or with a grammar, through a ``llama_token_data_array`` built
-with numpy over a preallocated array and the same chain. Both apply the same
-samplers in the same order, so identical logits give identical tokens.
-
-The chain is penalties -> top-k -> top-p -> min-p -> temperature -> pick,
-with the grammar sampler kept out of the chain and applied first by hand: a
-grammar can leave no allowed token, and llama.cpp then picks a token of
-probability zero and aborts the process in ``llama_sampler_accept``; checking
-between the two steps turns that into :class:`InvalidRequestError`. The pick is
-``greedy`` or ``dist``; ``dist`` is replaced before every draw by one seeded
-with :func:`~erllama_py.model.sampling.draw_seed` of (seed, position).
+Modules
+-------
+This module is the core that owns the context: sequences, the step, pack and
+unpack, embeddings. `erllama_py.model.gguf` reads and fingerprints the file
+and describes the loaded model, `erllama_py.model.llama_vocab` tokenizes,
+`erllama_py.model.llama_chat` renders built-in chat templates, and
+`erllama_py.model.llama_sampler` owns the sampler chains.
 """
 
 from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
-import math
 import os
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Concatenate, ParamSpec, TypeVar, cast
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import llama_cpp as _L
 import numpy as np
-from llama_cpp.llama_grammar import json_schema_to_gbnf
 
 from erllama_py.errors import (
     CacheFormatError,
@@ -107,20 +93,28 @@ from erllama_py.errors import (
 )
 from erllama_py.model import llama_log
 from erllama_py.model.backend import (
-    PENALTY_WINDOW,
-    Decode,
+    BackendInfo,
     Generate,
-    ModelInfo,
     Op,
     Prefill,
     Sampled,
-    SamplerConfig,
     StepResult,
+    check_step,
     validate_messages,
     validate_seq,
     validate_tokens,
 )
-from erllama_py.model.sampling import draw_seed
+from erllama_py.model.gguf import (
+    CHAT_FALLBACKS,
+    FINGERPRINT_EDGE,
+    check_model_file,
+    describe_model,
+    fingerprint_gguf,
+    quant_name,
+)
+from erllama_py.model.llama_chat import render_builtin
+from erllama_py.model.llama_sampler import Chain, SamplerChains, grammar_text
+from erllama_py.model.llama_vocab import Vocab
 from erllama_py.model.statebuf import (
     FLAG_LOGITS,
     HEADER_SIZE,
@@ -132,6 +126,7 @@ from erllama_py.model.statebuf import (
     logits_of,
     parse_header,
 )
+from erllama_py.params import SamplingParams
 
 __all__ = [
     "CHAT_FALLBACKS",
@@ -146,9 +141,6 @@ __all__ = [
 P = ParamSpec("P")
 R = TypeVar("R")
 
-FINGERPRINT_EDGE = 1 << 20
-"""Bytes hashed from each end of the file by the default fingerprint."""
-
 KV_TYPES: Mapping[str, int] = {
     "f32": 0,
     "f16": 1,
@@ -161,30 +153,7 @@ KV_TYPES: Mapping[str, int] = {
 }
 """KV cache element types accepted by ``type_k`` / ``type_v`` (ggml type ids)."""
 
-CHAT_FALLBACKS: Mapping[str, str] = {
-    "gemma": "gemma",
-    "gemma2": "gemma",
-    "gemma3": "gemma",
-    "gemma3n": "gemma",
-    "qwen2": "chatml",
-    "qwen3": "chatml",
-    "phi3": "phi3",
-    "llama": "llama3",
-}
-"""Built-in llama.cpp chat template used, by architecture, when a GGUF has none."""
-
-_FTYPES = {
-    0: "f32", 1: "f16", 2: "q4_0", 3: "q4_1", 7: "q8_0", 8: "q5_0", 9: "q5_1",
-    10: "q2_k", 11: "q3_k_s", 12: "q3_k_m", 13: "q3_k_l", 14: "q4_k_s", 15: "q4_k_m",
-    16: "q5_k_s", 17: "q5_k_m", 18: "q6_k", 19: "iq2_xxs", 20: "iq2_xs", 21: "q2_k_s",
-    22: "iq3_xs", 23: "iq3_xxs", 24: "iq1_s", 25: "iq4_nl", 26: "iq3_s", 27: "iq3_m",
-    28: "iq2_s", 29: "iq2_m", 30: "iq4_xs", 31: "iq1_m", 32: "bf16", 36: "tq1_0",
-    37: "tq2_0", 38: "mxfp4_moe", 39: "nvfp4", 40: "q1_0", 41: "q2_0",
-}  # fmt: skip
 _POOLING_MEAN = 1
-_MAX_TEMPLATE_BYTES = 4 << 20
-_TD = ctypes.sizeof(_L.llama_token_data)
-assert _TD == 12  # id:int32, logit:float32, p:float32 (the numpy view below relies on it)
 
 _init_lock = threading.Lock()
 _process: dict[str, bool] = {"backend_ready": False}
@@ -196,109 +165,6 @@ def _ensure_backend() -> None:
         if not _process["backend_ready"]:
             _L.llama_backend_init()
             _process["backend_ready"] = True
-
-
-def quant_name(file_type: int | None) -> str:
-    """``general.file_type`` as a short lower-case name (``15`` -> ``"q4_k_m"``)."""
-    if file_type is None:
-        return "unknown"
-    return _FTYPES.get(file_type, f"ftype{file_type}")
-
-
-class _GgufInitParams(ctypes.Structure):
-    _fields_ = [("no_alloc", ctypes.c_bool), ("ctx", ctypes.c_void_p)]
-
-
-def _gguf_data_offset(path: Path) -> int:
-    """Where the tensor data of a (valid) GGUF starts, via ggml's C GGUF parser.
-
-    The ``gguf`` package's reader takes about 11 s on gemma-3's 262k-token
-    vocabulary; the C parser takes about 25 ms.
-    """
-    lib = llama_log.ggml_base_library()
-    lib.gguf_init_from_file.restype = ctypes.c_void_p
-    lib.gguf_init_from_file.argtypes = [ctypes.c_char_p, _GgufInitParams]
-    lib.gguf_get_data_offset.restype = ctypes.c_size_t
-    lib.gguf_get_data_offset.argtypes = [ctypes.c_void_p]
-    lib.gguf_free.argtypes = [ctypes.c_void_p]
-    lib.gguf_free.restype = None
-    h = lib.gguf_init_from_file(os.fsencode(path), _GgufInitParams(True, None))
-    if not h:
-        raise ModelLoadError(f"{path}: cannot parse the GGUF header")
-    try:
-        return int(lib.gguf_get_data_offset(h))
-    finally:
-        lib.gguf_free(h)
-
-
-def fingerprint_gguf(path: str | Path, full: bool = False) -> bytes:
-    """The 32-byte identity of a GGUF file (see :class:`ModelInfo` for the definition).
-
-    Raises ``OSError`` if the file cannot be read and :class:`ModelLoadError`
-    if its header cannot be parsed.
-    """
-    p = Path(path)
-    h = hashlib.sha256()
-    if full:
-        h.update(b"erllama-gguf-full-v1")
-        with p.open("rb") as f:
-            while chunk := f.read(8 << 20):
-                h.update(chunk)
-        return h.digest()
-    size = p.stat().st_size
-    offset = _gguf_data_offset(p)
-    h.update(b"erllama-gguf-fp-v1")
-    h.update(size.to_bytes(8, "little"))
-    with p.open("rb") as f:
-        h.update(f.read(offset))
-        f.seek(0)
-        h.update(f.read(FINGERPRINT_EDGE))
-        f.seek(max(0, size - FINGERPRINT_EDGE))
-        h.update(f.read(FINGERPRINT_EDGE))
-    return h.digest()
-
-
-def grammar_text(cfg: SamplerConfig) -> str | None:
-    """The GBNF grammar of ``cfg``: its ``grammar``, or its ``json_schema`` compiled.
-
-    The compiler is llama-cpp-python's pure-Python
-    ``llama_cpp.llama_grammar.json_schema_to_gbnf`` (start rule ``root``).
-    Raises :class:`InvalidRequestError` for a schema it cannot compile.
-    """
-    if cfg.grammar is not None:
-        return cfg.grammar
-    if cfg.json_schema is None:
-        return None
-    try:
-        text = json_schema_to_gbnf(cfg.json_schema)
-    except Exception as e:  # the converter raises bare Exception/KeyError/... for bad schemas
-        raise InvalidRequestError(
-            f"json_schema: cannot compile to a grammar: {e}", param="json_schema"
-        ) from e
-    if not isinstance(text, str) or not text.strip():
-        raise InvalidRequestError("json_schema: compiled to an empty grammar", param="json_schema")
-    return text
-
-
-def _check_model_file(path: Path) -> int:
-    try:
-        st = path.stat()
-    except FileNotFoundError:
-        raise ModelLoadError(f"model file not found: {path}") from None
-    except OSError as e:
-        raise ModelLoadError(f"cannot access model file {path}: {e.strerror}") from e
-    if not path.is_file():
-        raise ModelLoadError(f"model path is not a regular file: {path}")
-    if st.st_size == 0:
-        raise ModelLoadError(f"model file is empty: {path}")
-    try:
-        with path.open("rb") as f:
-            magic = f.read(4)
-    except OSError as e:
-        raise ModelLoadError(f"cannot read model file {path}: {e.strerror}") from e
-    if magic != b"GGUF":
-        raise ModelLoadError(f"not a GGUF file (magic {magic!r}): {path}")
-    return st.st_size
 
 
 @dataclass(slots=True)
@@ -315,15 +181,6 @@ class _Seq:
         self.n = 0
         self.row = None
         self.logits = None
-
-
-@dataclass(slots=True)
-class _Chain:
-    ptr: Any  # llama_sampler* of the chain (penalties .. pick)
-    grammar: Any  # llama_sampler* of the grammar, kept out of the chain, or None
-    cfg: SamplerConfig
-    penalties_index: int | None
-    dist: bool
 
 
 _Method = Callable[Concatenate["LlamaBackend", P], R]
@@ -354,7 +211,7 @@ class LlamaBackend:
         model: Any,
         ctx: Any,
         *,
-        info: ModelInfo,
+        info: BackendInfo,
         n_threads: int,
         flash_attn: bool,
     ) -> None:
@@ -362,7 +219,7 @@ class LlamaBackend:
         self._model = model
         self._ctx = ctx
         self._info = info
-        self._vocab = _L.llama_model_get_vocab(model)
+        self._vocab = Vocab(_L.llama_model_get_vocab(model))
         self._mem = _L.llama_get_memory(ctx)
         self._n_threads = n_threads
         self._flash_attn = flash_attn
@@ -371,10 +228,7 @@ class LlamaBackend:
         self._nv = info.n_vocab
         self._eog = frozenset(info.eog)
         self._seqs = [_Seq() for _ in range(info.n_seq_max)]
-        self._samplers: dict[int, _Chain] = {}
-        self._next_sampler = 1
-        self._pieces: dict[int, bytes] = {}
-        self._pieces_special: dict[int, bytes] = {}
+        self._samplers = SamplerChains(self._vocab.ptr, ctx, info.n_vocab, info.name)
         self._embed_ctx: Any = None
 
         nb = info.n_batch
@@ -385,13 +239,6 @@ class LlamaBackend:
         self._b_logits = np.ctypeslib.as_array(self._batch.logits, shape=(nb,))
         # llama_batch_init allocates one seq_id array per token: no single numpy view.
         self._b_sid = [self._batch.seq_id[i] for i in range(nb)]
-
-        # Reused llama_token_data array for sampling from a float buffer.
-        self._td = np.zeros((self._nv, 3), dtype=np.float32)
-        self._td_ids = self._td.view(np.int32)[:, 0]
-        self._ids = np.arange(self._nv, dtype=np.int32)
-        self._td_ptr: Any = ctypes.cast(self._td.ctypes.data, _L.llama_token_data_p)
-        self._cur = _L.llama_token_data_array()
 
     # ------------------------------------------------------------------ load
 
@@ -453,7 +300,7 @@ class LlamaBackend:
             type_k=type_k,
             type_v=type_v,
         )
-        file_size = _check_model_file(path)
+        file_size = check_model_file(path)
         _ensure_backend()
         threads = n_threads or max(1, len(os.sched_getaffinity(0)))
         ubatch = n_ubatch or n_batch
@@ -497,7 +344,7 @@ class LlamaBackend:
                 raise ConfigError(
                     "kv_size", f"gives {n_ctx_seq} cells per sequence, fewer than n_ctx {n_ctx}"
                 )
-            info = _model_info(
+            info = describe_model(
                 model,
                 path,
                 file_size,
@@ -525,7 +372,7 @@ class LlamaBackend:
         return cls(model, ctx, info=info, n_threads=threads, flash_attn=flash_attn)
 
     @property
-    def info(self) -> ModelInfo:
+    def info(self) -> BackendInfo:
         """The model and context description."""
         return self._info
 
@@ -536,39 +383,7 @@ class LlamaBackend:
         self, text: str, add_special: bool = True, parse_special: bool = False
     ) -> list[int]:
         """Token ids of ``text``; raises InvalidRequestError for non-text input."""
-        if not isinstance(text, str):
-            raise InvalidRequestError("text must be a str", param="text")
-        try:
-            data = text.encode("utf-8")
-        except UnicodeEncodeError as e:
-            raise InvalidRequestError(f"text is not valid Unicode: {e}", param="text") from e
-        cap = len(data) + 8
-        for _ in range(2):
-            arr = (_L.llama_token * cap)()
-            n = int(
-                _L.llama_tokenize(
-                    self._vocab, data, len(data), arr, cap, add_special, parse_special
-                )
-            )
-            if n >= 0:
-                return list(arr[:n])
-            if n == -(2**31):
-                break
-            cap = -n
-        raise InvalidRequestError("text is too long to tokenize", param="text")
-
-    def _piece(self, token: int, special: bool) -> bytes:
-        cache = self._pieces_special if special else self._pieces
-        p = cache.get(token)
-        if p is None:
-            buf = ctypes.create_string_buffer(64)
-            n = int(_L.llama_token_to_piece(self._vocab, token, buf, 64, 0, special))
-            if n < 0:
-                buf = ctypes.create_string_buffer(-n)
-                n = int(_L.llama_token_to_piece(self._vocab, token, buf, -n, 0, special))
-            p = buf.raw[: max(n, 0)]
-            cache[token] = p
-        return p
+        return self._vocab.tokenize(text, add_special, parse_special)
 
     @_api
     def detokenize(self, tokens: Sequence[int], special: bool = False) -> bytes:
@@ -578,14 +393,13 @@ class LlamaBackend:
         for SPM vocabularies with ``add_space_prefix`` the text starts with the
         space the tokenizer added.
         """
-        arr = self._token_array(tokens, allow_empty=True)
-        return b"".join(self._piece(int(t), special) for t in arr)
+        return self._vocab.detokenize(self._token_array(tokens, allow_empty=True), special)
 
     @_api
     def token_piece(self, token: int, special: bool = False) -> bytes:
         """The bytes of one token."""
         self._token_array([token])
-        return self._piece(int(token), special)
+        return self._vocab.piece(int(token), special)
 
     # ---------------------------------------------------------- chat template
 
@@ -612,36 +426,13 @@ class LlamaBackend:
                 "the model has no chat template; pass template= (e.g. 'chatml')",
                 param="template",
             )
-        arr = (_L.llama_chat_message * len(msgs))()
-        keep = []
-        for i, (role, content) in enumerate(msgs):
-            r, c = role.encode(), content.encode()
-            keep += [r, c]
-            arr[i].role = r
-            arr[i].content = c
-        tb = tmpl.encode()
-        size = max(1024, 2 * sum(len(b) for b in keep))
-        for _ in range(2):
-            buf = ctypes.create_string_buffer(size)
-            n = int(
-                _L.llama_chat_apply_template(tb, arr, len(msgs), add_generation_prompt, buf, size)
-            )
-            if n < 0:
-                raise InvalidRequestError(
-                    f"chat template not supported by llama.cpp: {tmpl[:60]!r}", param="template"
-                )
-            if n > _MAX_TEMPLATE_BYTES:
-                raise InvalidRequestError("rendered chat is larger than 4 MiB", param="messages")
-            if n <= size:
-                return buf.raw[:n].decode("utf-8", errors="replace")
-            size = n
-        raise ModelError("chat template rendering did not converge", self._info.name)
+        return render_builtin(tmpl, msgs, add_generation_prompt)
 
     # --------------------------------------------------------------- samplers
 
     @_api
     def new_sampler(
-        self, cfg: SamplerConfig | Mapping[str, Any], history: Sequence[int] = ()
+        self, cfg: SamplingParams | Mapping[str, Any], history: Sequence[int] = ()
     ) -> int:
         """Create a sampler chain for ``cfg``; ``history`` primes its penalty window.
 
@@ -649,131 +440,33 @@ class LlamaBackend:
         GBNF parser's message is included) or invalid history token ids.
         """
         if isinstance(cfg, Mapping):
-            cfg = SamplerConfig.from_dict(cfg)
-        if not isinstance(cfg, SamplerConfig):
-            raise InvalidRequestError("cfg must be a SamplerConfig or a mapping", param="cfg")
-        hist = self._token_array(history, allow_empty=True)
-        gtext = grammar_text(cfg)
-        grammar = None
-        if gtext is not None:
-            with llama_log.capture() as cap, llama_log.capture_stderr() as err:
-                grammar = _L.llama_sampler_init_grammar(self._vocab, gtext.encode(), b"root")
-            if not grammar:
-                why = "; ".join(err.lines[:1] + cap.lines[:2]) or "the grammar does not parse"
-                param = "grammar" if cfg.grammar is not None else "json_schema"
-                raise InvalidRequestError(f"invalid grammar: {why}", param=param)
-        cparams = _L.llama_sampler_chain_default_params()
-        cparams.no_perf = True
-        chain = _L.llama_sampler_chain_init(cparams)
-        pen_idx = None
-        n = 0
-
-        def add(s: Any) -> None:
-            nonlocal n
-            _L.llama_sampler_chain_add(chain, s)
-            n += 1
-
-        if cfg.repeat_penalty != 1.0:
-            pen_idx = n
-            rp = cfg.repeat_penalty
-            add(_L.llama_sampler_init_penalties(self._nv, PENALTY_WINDOW, rp, 0.0, 0.0))
-        if cfg.greedy:
-            add(_L.llama_sampler_init_greedy())
-        else:
-            if cfg.top_k > 0:
-                add(_L.llama_sampler_init_top_k(cfg.top_k))
-            if cfg.top_p < 1.0:
-                add(_L.llama_sampler_init_top_p(cfg.top_p, 1))
-            if cfg.min_p > 0.0:
-                add(_L.llama_sampler_init_min_p(cfg.min_p, 1))
-            add(_L.llama_sampler_init_temp(cfg.temperature))
-            add(_L.llama_sampler_init_dist(draw_seed(cfg.seed, 0)))
-        sid = self._next_sampler
-        self._next_sampler += 1
-        self._samplers[sid] = _Chain(chain, grammar, cfg, pen_idx, not cfg.greedy)
-        self._prime(self._samplers[sid], hist)
-        return sid
-
-    def _prime(self, ch: _Chain, tokens: np.ndarray) -> None:
-        if ch.penalties_index is None or len(tokens) == 0:
-            return
-        pen = _L.llama_sampler_chain_get(ch.ptr, ch.penalties_index)
-        for t in tokens[-PENALTY_WINDOW:]:
-            _L.llama_sampler_accept(pen, int(t))
+            cfg = SamplingParams.from_dict(cfg)
+        if not isinstance(cfg, SamplingParams):
+            raise InvalidRequestError("cfg must be a SamplingParams or a mapping", param="cfg")
+        return self._samplers.create(cfg, self._token_array(history, allow_empty=True))
 
     @_api
     def prime_sampler(self, sampler: int, tokens: Sequence[int]) -> None:
         """Feed ``tokens`` (the last 64 count) to the sampler's penalty window only."""
-        self._prime(self._chain(sampler), self._token_array(tokens, allow_empty=True))
+        self._samplers.prime(
+            self._samplers.get(sampler), self._token_array(tokens, allow_empty=True)
+        )
 
     @_api
     def free_sampler(self, sampler: int) -> None:
         """Free a sampler; freeing an id twice is a no-op, an id never issued raises."""
-        ch = self._samplers.pop(sampler, None)
-        if ch is None:
-            if not isinstance(sampler, int) or not 0 < sampler < self._next_sampler:
-                raise InvalidRequestError(f"unknown sampler {sampler!r}", param="sampler")
-            return
-        _free_chain(ch)
+        self._samplers.free(sampler)
 
     @property
     def n_samplers(self) -> int:
         """Number of live samplers (for leak checks)."""
         return len(self._samplers)
 
-    def _chain(self, sampler: int) -> _Chain:
-        ch = self._samplers.get(sampler)
-        if ch is None:
-            raise InvalidRequestError(f"unknown sampler {sampler!r}", param="sampler")
-        return ch
-
-    def _sample(self, ch: _Chain, st: _Seq) -> int:
-        if ch.dist:
-            last = int(_L.llama_sampler_chain_n(ch.ptr)) - 1
-            _L.llama_sampler_free(_L.llama_sampler_chain_remove(ch.ptr, last))
-            dist = _L.llama_sampler_init_dist(draw_seed(ch.cfg.seed, st.n))
-            _L.llama_sampler_chain_add(ch.ptr, dist)
+    def _sample(self, ch: Chain, st: _Seq) -> int:
         if st.row is not None and ch.grammar is None:
-            return int(_L.llama_sampler_sample(ch.ptr, self._ctx, st.row))
+            return self._samplers.sample(ch, st.n, st.row, None)
         logits = st.logits if st.logits is not None else self._row_view(st.row)
-        return self._sample_array(ch, logits)
-
-    def _sample_array(self, ch: _Chain, logits: np.ndarray) -> int:
-        """``llama_sampler_sample`` on a float buffer, with a grammar check."""
-        if ch.grammar is None and ch.penalties_index is None and ch.cfg.greedy:
-            # A plain greedy chain picks the first largest logit, as np.argmax does; this
-            # skips building a 262k-entry candidate array on the warm-start path.
-            token = int(np.argmax(logits))
-            _L.llama_sampler_accept(ch.ptr, token)
-            return token
-        td = self._td
-        self._td_ids[:] = self._ids
-        td[:, 1] = logits
-        td[:, 2] = 0.0
-        cur = self._cur
-        cur.data = self._td_ptr
-        cur.size = self._nv
-        cur.selected = -1
-        cur.sorted = False
-        if ch.grammar is not None:
-            _L.llama_sampler_apply(ch.grammar, ctypes.byref(cur))
-            # The grammar sampler edits logits in place without moving the data.
-            if not np.isfinite(td[:, 1]).any():
-                raise InvalidRequestError(
-                    "the grammar allows no token at this point", param="grammar"
-                )
-        _L.llama_sampler_apply(ch.ptr, ctypes.byref(cur))
-        sel = int(cur.selected)
-        if not 0 <= sel < int(cur.size):
-            raise ModelError(f"sampler selected no token ({sel})", self._info.name)
-        picked = cur.data[sel]
-        token = int(picked.id)
-        if ch.grammar is not None and not math.isfinite(float(picked.logit)):
-            raise InvalidRequestError("the grammar allows no token at this point", param="grammar")
-        if ch.grammar is not None:
-            _L.llama_sampler_accept(ch.grammar, token)
-        _L.llama_sampler_accept(ch.ptr, token)
-        return token
+        return self._samplers.sample(ch, st.n, None, logits)
 
     @_api
     def sample_logits(self, sampler: int, logits: np.ndarray, pos: int) -> int:
@@ -785,7 +478,7 @@ class LlamaBackend:
         arr = np.ascontiguousarray(logits, dtype=np.float32)
         if arr.shape != (self._nv,):
             raise InvalidRequestError(f"logits must have shape ({self._nv},)", param="logits")
-        return self._sample(self._chain(sampler), _Seq(n=pos, logits=arr))
+        return self._sample(self._samplers.get(sampler), _Seq(n=pos, logits=arr))
 
     # ---------------------------------------------------------- sequences
 
@@ -872,71 +565,27 @@ class LlamaBackend:
         (ModelError), the samplers of the decode ops have already advanced and
         the sequences in the batch lose their logits: fail those requests.
         """
-        plan: list[tuple[Op, _Seq, np.ndarray | None, _Chain | None]] = []
-        seen: set[int] = set()
-        total = 0
-        n_ctx = self._info.n_ctx
-        for op in cast(Sequence[object], ops):
-            if isinstance(op, Prefill):
-                st = self._seq(op.seq)
-                toks = self._token_array(op.tokens)
-                if st.n + len(toks) >= n_ctx:
-                    raise ContextOverflowError(
-                        f"seq {op.seq}: {st.n} + {len(toks)} tokens leave no room in n_ctx {n_ctx}",
-                        self._info.name,
-                    )
-                total += len(toks)
-                plan.append((op, st, toks, None))
-            elif isinstance(op, Generate):
-                st = self._seq(op.seq)
-                ch = self._chain(op.sampler)
-                if op.pending is None:
-                    if not st.has_logits:
-                        raise InvalidRequestError(
-                            f"seq {op.seq} has no logits to sample from (prefill it first)",
-                            param="seq",
-                        )
-                    plan.append((op, st, None, ch))
-                else:
-                    toks = self._token_array([op.pending])
-                    if st.n + 1 >= n_ctx:
-                        raise ContextOverflowError(
-                            f"seq {op.seq} is full ({st.n} of n_ctx {n_ctx})", self._info.name
-                        )
-                    total += 1
-                    plan.append((op, st, toks, ch))
-            elif isinstance(op, Decode):
-                st = self._seq(op.seq)
-                ch = self._chain(op.sampler)
-                if not st.has_logits:
-                    raise InvalidRequestError(
-                        f"seq {op.seq} has no logits to sample from (prefill it first)",
-                        param="seq",
-                    )
-                if st.n >= n_ctx:
-                    raise ContextOverflowError(
-                        f"seq {op.seq} is full ({st.n} of n_ctx {n_ctx})", self._info.name
-                    )
-                total += 1
-                plan.append((op, st, None, ch))
-            else:
-                raise InvalidRequestError(f"unknown op {op!r}", param="ops")
-            if op.seq in seen:
-                raise InvalidRequestError(f"seq {op.seq} appears twice in one step", param="ops")
-            seen.add(op.seq)
-        if total > self._info.n_batch:
-            raise InvalidRequestError(
-                f"{total} tokens exceed n_batch {self._info.n_batch}", param="ops"
+        checked = check_step(
+            ops,
+            self._info,
+            seq_len=lambda seq: self._seqs[seq].n,
+            has_logits=lambda seq: self._seqs[seq].has_logits,
+            check_sampler=self._samplers.check,
+            used_cells=self._used_cells(),
+        )
+        plan = [
+            (
+                c.op,
+                self._seqs[c.op.seq],
+                c.tokens,
+                None if isinstance(c.op, Prefill) else self._samplers.get(c.op.sampler),
             )
-        if self._used_cells() + total > self._info.kv_size:
-            used, size = self._used_cells(), self._info.kv_size
-            raise ContextOverflowError(
-                f"the KV cache is full ({used} + {total} > {size} cells)", self._info.name
-            )
+            for c in checked
+        ]
 
         results: list[StepResult] = []
         rows: list[tuple[int, int, int]] = []  # (seq, tokens added, batch row of its logits)
-        after: list[tuple[int, _Seq, _Chain]] = []  # Generate ops that sample after the decode
+        after: list[tuple[int, _Seq, Chain]] = []  # Generate ops that sample after the decode
         sid = self._b_sid
         k = 0
         for op, st, arr, chain in plan:
@@ -1187,9 +836,7 @@ class LlamaBackend:
             if self._closed:
                 return
             self._closed = True
-            for ch in self._samplers.values():
-                _free_chain(ch)
-            self._samplers.clear()
+            self._samplers.close()
             _L.llama_batch_free(self._batch)
             if self._embed_ctx is not None:
                 _L.llama_free(self._embed_ctx)
@@ -1203,12 +850,6 @@ class LlamaBackend:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def _free_chain(ch: _Chain) -> None:
-    _L.llama_sampler_free(ch.ptr)
-    if ch.grammar is not None:
-        _L.llama_sampler_free(ch.grammar)
 
 
 def _validate_options(
@@ -1243,74 +884,3 @@ def _validate_options(
     for key, t in (("type_k", type_k), ("type_v", type_v)):
         if t not in KV_TYPES:
             raise ConfigError(key, f"must be one of {sorted(KV_TYPES)}, got {t!r}")
-
-
-def _meta(model: Any, key: str) -> str | None:
-    buf = ctypes.create_string_buffer(256)
-    n = int(_L.llama_model_meta_val_str(model, key.encode(), buf, 256))
-    if n < 0:
-        return None
-    if n >= 256:
-        buf = ctypes.create_string_buffer(n + 1)
-        _L.llama_model_meta_val_str(model, key.encode(), buf, n + 1)
-    return buf.value.decode("utf-8", errors="replace")
-
-
-def _model_info(
-    model: Any,
-    path: Path,
-    file_size: int,
-    *,
-    n_ctx: int,
-    n_batch: int,
-    n_ubatch: int,
-    n_seq_max: int,
-    kv_size: int,
-    ctx_params: dict[str, Any],
-    fallback: str | None,
-    full_fingerprint: bool,
-) -> ModelInfo:
-    vocab = _L.llama_model_get_vocab(model)
-    n_vocab = int(_L.llama_vocab_n_tokens(vocab))
-    bos = int(_L.llama_vocab_bos(vocab))
-    eos = int(_L.llama_vocab_eos(vocab))
-    eog = tuple(t for t in range(n_vocab) if _L.llama_vocab_is_eog(vocab, t))
-    arch = _meta(model, "general.architecture") or "unknown"
-    ftype = _meta(model, "general.file_type")
-    desc = ctypes.create_string_buffer(256)
-    _L.llama_model_desc(model, desc, 256)
-    tmpl_raw = _L.llama_model_chat_template(model, None)
-    tmpl = tmpl_raw.decode("utf-8", errors="replace") if tmpl_raw else None
-    # Whether the tokenizer puts a space before the text: "a" comes back as " a".
-    probe = (_L.llama_token * 8)()
-    n = int(_L.llama_tokenize(vocab, b"a", 1, probe, 8, False, False))
-    piece = ctypes.create_string_buffer(16)
-    m = int(_L.llama_token_to_piece(vocab, probe[0], piece, 16, 0, False)) if n > 0 else 0
-    add_space_prefix = piece.raw[: max(m, 0)].startswith(b" ")
-    return ModelInfo(
-        backend="llama",
-        name=_meta(model, "general.name") or path.stem,
-        description=desc.value.decode("utf-8", errors="replace"),
-        architecture=arch,
-        quant=quant_name(int(ftype) if ftype and ftype.isdigit() else None),
-        file_size=file_size,
-        fingerprint=fingerprint_gguf(path, full=full_fingerprint),
-        n_vocab=n_vocab,
-        n_ctx=n_ctx,
-        n_batch=n_batch,
-        n_ubatch=n_ubatch,
-        n_seq_max=n_seq_max,
-        kv_size=kv_size,
-        n_swa=int(_L.llama_model_n_swa(model)),
-        n_ctx_train=int(_L.llama_model_n_ctx_train(model)),
-        n_embd=int(_L.llama_model_n_embd(model)),
-        bos=bos if bos >= 0 else None,
-        add_bos=bool(_L.llama_vocab_get_add_bos(vocab)),
-        eos=eos if eos >= 0 else None,
-        eog=eog,
-        add_space_prefix=add_space_prefix,
-        chat_template=tmpl,
-        chat_template_fallback=fallback or CHAT_FALLBACKS.get(arch),
-        ctx_params=ctx_params,
-        path=str(path),
-    )

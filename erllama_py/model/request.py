@@ -17,8 +17,8 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from erllama_py.model.options import RequestOptions
 from erllama_py.model.textstream import TextStream
+from erllama_py.params import RequestOptions
 
 __all__ = ["CacheKind", "Event", "Request", "RequestSink"]
 

@@ -12,7 +12,7 @@ from typing import Any
 from erllama_py.cache.handle import CacheHandle
 from erllama_py.cache.key import Namespace, ctx_params_hash
 from erllama_py.cache.policy import SavePolicy
-from erllama_py.model.backend import ModelInfo
+from erllama_py.model.backend import BackendInfo
 from erllama_py.model.bufpool import BufferPool
 from erllama_py.model.protocol import WorkerSpec
 from supervisors import Registry
@@ -60,7 +60,7 @@ class ModelShared:
     registry: Registry
     loaded_at: float = field(default_factory=time.time)
     obs: ModelObs = field(default_factory=ModelObs)
-    _info: ModelInfo | None = None
+    _info: BackendInfo | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
     worker_starts: int = 0
     unloading: bool = False
@@ -68,12 +68,12 @@ class ModelShared:
     buffers: BufferPool = field(default_factory=BufferPool)
 
     @property
-    def info(self) -> ModelInfo:
+    def info(self) -> BackendInfo:
         """The model as its first worker described it."""
         assert self._info is not None, "no worker has loaded the model yet"
         return self._info
 
-    def worker_loaded(self, info: ModelInfo) -> None:
+    def worker_loaded(self, info: BackendInfo) -> None:
         """Record a (re)started worker's description."""
         with self._lock:
             if self._info is None:

@@ -31,7 +31,7 @@ import struct
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any
 
 import numpy as np
 import xxhash
@@ -43,14 +43,13 @@ from erllama_py.errors import (
     ModelError,
 )
 from erllama_py.model.backend import (
-    Decode,
+    BackendInfo,
     Generate,
-    ModelInfo,
     Op,
     Prefill,
     Sampled,
-    SamplerConfig,
     StepResult,
+    check_step,
     validate_messages,
     validate_seq,
     validate_tokens,
@@ -65,6 +64,7 @@ from erllama_py.model.statebuf import (
     logits_of,
     parse_header,
 )
+from erllama_py.params import SamplingParams
 
 __all__ = ["STUB_BOS", "STUB_EOS", "STUB_UNK", "StubBackend", "stub_logits"]
 
@@ -120,7 +120,7 @@ class StubBackend:
             raise ValueError("n_vocab must be >= 4")
         self._nv = n_vocab
         self._seqs = [_StubSeq() for _ in range(n_seq_max)]
-        self._samplers: dict[int, SamplerConfig] = {}
+        self._samplers: dict[int, SamplingParams] = {}
         self._next_sampler = 1
         self._words: dict[int, str] = {}
         self._closed = False
@@ -131,7 +131,7 @@ class StubBackend:
         self.steps = 0
         params = {"n_vocab": n_vocab, "n_ctx": n_ctx, "n_seq_max": n_seq_max, "n_swa": n_swa}
         fp = hashlib.sha256(b"erllama-stub-v1" + json.dumps(params, sort_keys=True).encode())
-        self._info = ModelInfo(
+        self._info = BackendInfo(
             backend="stub",
             name=name,
             description="deterministic stub backend",
@@ -159,7 +159,7 @@ class StubBackend:
         )
 
     @property
-    def info(self) -> ModelInfo:
+    def info(self) -> BackendInfo:
         """The stub's description (backend ``"stub"``)."""
         return self._info
 
@@ -216,14 +216,14 @@ class StubBackend:
     # --------------------------------------------------------------- samplers
 
     def new_sampler(
-        self, cfg: SamplerConfig | Mapping[str, Any], history: Sequence[int] = ()
+        self, cfg: SamplingParams | Mapping[str, Any], history: Sequence[int] = ()
     ) -> int:
         """Register ``cfg``; a grammar without a ``root`` rule is refused like a parse error."""
         self._check()
         if isinstance(cfg, Mapping):
-            cfg = SamplerConfig.from_dict(cfg)
-        if not isinstance(cfg, SamplerConfig):
-            raise InvalidRequestError("cfg must be a SamplerConfig or a mapping", param="cfg")
+            cfg = SamplingParams.from_dict(cfg)
+        if not isinstance(cfg, SamplingParams):
+            raise InvalidRequestError("cfg must be a SamplingParams or a mapping", param="cfg")
         validate_tokens(history, self._nv, allow_empty=True)
         if cfg.grammar is not None and "root" not in cfg.grammar:
             raise InvalidRequestError("invalid grammar: no 'root' rule", param="grammar")
@@ -250,14 +250,14 @@ class StubBackend:
         """Number of live samplers."""
         return len(self._samplers)
 
-    def _chain(self, sampler: int) -> SamplerConfig:
+    def _chain(self, sampler: int) -> SamplingParams:
         self._check()
         cfg = self._samplers.get(sampler)
         if cfg is None:
             raise InvalidRequestError(f"unknown sampler {sampler!r}", param="sampler")
         return cfg
 
-    def _next_token(self, st: _StubSeq, cfg: SamplerConfig) -> int:
+    def _next_token(self, st: _StubSeq, cfg: SamplingParams) -> int:
         h = xxhash.xxh64()
         h.update(np.asarray(st.tokens, dtype="<u4").tobytes())
         h.update(struct.pack("<dQ", float(cfg.temperature), cfg.seed))
@@ -307,71 +307,23 @@ class StubBackend:
     def step(self, ops: Sequence[Op]) -> list[StepResult]:
         """Same contract and validation as the llama backend's ``step``."""
         self._check()
-        n_ctx = self._info.n_ctx
-        plan: list[tuple[Op, _StubSeq, np.ndarray | None, SamplerConfig | None]] = []
-        seen: set[int] = set()
-        total = 0
-        for op in cast(Sequence[object], ops):
-            if isinstance(op, Prefill):
-                st = self._seq(op.seq)
-                toks = validate_tokens(op.tokens, self._nv)
-                if len(st.tokens) + len(toks) >= n_ctx:
-                    raise ContextOverflowError(
-                        f"seq {op.seq}: {len(st.tokens)} + {len(toks)} tokens leave no room "
-                        f"in n_ctx {n_ctx}",
-                        self._info.name,
-                    )
-                total += len(toks)
-                plan.append((op, st, toks, None))
-            elif isinstance(op, Generate):
-                st = self._seq(op.seq)
-                cfg = self._chain(op.sampler)
-                if op.pending is None:
-                    if not st.has_logits:
-                        raise InvalidRequestError(
-                            f"seq {op.seq} has no logits to sample from (prefill it first)",
-                            param="seq",
-                        )
-                    plan.append((op, st, None, cfg))
-                else:
-                    toks = validate_tokens([op.pending], self._nv)
-                    if len(st.tokens) + 1 >= n_ctx:
-                        raise ContextOverflowError(
-                            f"seq {op.seq} is full ({len(st.tokens)} of n_ctx {n_ctx})",
-                            self._info.name,
-                        )
-                    total += 1
-                    plan.append((op, st, toks, cfg))
-            elif isinstance(op, Decode):
-                st = self._seq(op.seq)
-                cfg = self._chain(op.sampler)
-                if not st.has_logits:
-                    raise InvalidRequestError(
-                        f"seq {op.seq} has no logits to sample from (prefill it first)",
-                        param="seq",
-                    )
-                if len(st.tokens) >= n_ctx:
-                    raise ContextOverflowError(
-                        f"seq {op.seq} is full ({len(st.tokens)} of n_ctx {n_ctx})",
-                        self._info.name,
-                    )
-                total += 1
-                plan.append((op, st, None, cfg))
-            else:
-                raise InvalidRequestError(f"unknown op {op!r}", param="ops")
-            if op.seq in seen:
-                raise InvalidRequestError(f"seq {op.seq} appears twice in one step", param="ops")
-            seen.add(op.seq)
-        if total > self._info.n_batch:
-            raise InvalidRequestError(
-                f"{total} tokens exceed n_batch {self._info.n_batch}", param="ops"
+        checked = check_step(
+            ops,
+            self._info,
+            seq_len=lambda seq: len(self._seqs[seq].tokens),
+            has_logits=lambda seq: self._seqs[seq].has_logits,
+            check_sampler=self._chain,
+            used_cells=sum(len(s.tokens) for s in self._seqs),
+        )
+        plan = [
+            (
+                c.op,
+                self._seqs[c.op.seq],
+                c.tokens,
+                None if isinstance(c.op, Prefill) else self._chain(c.op.sampler),
             )
-        used = sum(len(s.tokens) for s in self._seqs)
-        if used + total > self._info.kv_size:
-            raise ContextOverflowError(
-                f"the KV cache is full ({used} + {total} > {self._info.kv_size} cells)",
-                self._info.name,
-            )
+            for c in checked
+        ]
         self.steps += 1
         if self.fail_hook is not None:
             self.fail_hook(self.steps, ops)

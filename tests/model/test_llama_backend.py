@@ -18,10 +18,11 @@ from erllama_py.errors import (
     ModelError,
 )
 from erllama_py.model import llama_backend
-from erllama_py.model.backend import Backend, Decode, ModelInfo, Prefill, Sampled, SamplerConfig
+from erllama_py.model.backend import Backend, BackendInfo, Decode, Prefill, Sampled
 from erllama_py.model.llama_backend import LlamaBackend, fingerprint_gguf
 from erllama_py.model.statebuf import HEADER_SIZE, KIND_LLAMA, StateBuffer, parse_header
 from erllama_py.model.stub_backend import StubBackend
+from erllama_py.params import SamplingParams
 
 PROMPT = "hello world the cat and the dog " * 6
 
@@ -83,7 +84,7 @@ def test_info_describes_the_tiny_model(tiny: LlamaBackend, tiny_model_path: Path
         "swa_full",
     }
     d = json.loads(json.dumps(info.to_dict()))
-    assert ModelInfo.from_dict(d) == info
+    assert BackendInfo.from_dict(d) == info
 
 
 def test_fingerprint_is_stable_and_sensitive_to_content(
@@ -185,7 +186,7 @@ def test_unknown_template_raises_invalid_request(tiny: LlamaBackend) -> None:
 
 def test_prefill_then_decode_puts_each_token_in_kv(tiny: LlamaBackend) -> None:
     toks = tiny.tokenize(PROMPT)
-    g = tiny.new_sampler(SamplerConfig())
+    g = tiny.new_sampler(SamplingParams())
     assert not tiny.has_logits(0)
     assert tiny.step([Prefill(0, toks)]) == [None]
     assert tiny.seq_len(0) == len(toks)
@@ -202,13 +203,13 @@ def test_greedy_is_deterministic_across_sequences_and_loads(
     tiny: LlamaBackend, tiny_model_path: Path
 ) -> None:
     toks = tiny.tokenize(PROMPT)
-    g = tiny.new_sampler(SamplerConfig())
+    g = tiny.new_sampler(SamplingParams())
     tiny.step([Prefill(0, toks)])
     a = gen(tiny, 0, g, 15)
     tiny.step([Prefill(2, toks)])
     assert gen(tiny, 2, g, 15) == a
     with LlamaBackend.load(tiny_model_path, n_ctx=512, n_batch=256, n_threads=2) as other:
-        g2 = other.new_sampler(SamplerConfig())
+        g2 = other.new_sampler(SamplingParams())
         other.step([Prefill(1, toks)])
         assert gen(other, 1, g2, 15) == a
     assert len(set(a)) > 1
@@ -216,7 +217,7 @@ def test_greedy_is_deterministic_across_sequences_and_loads(
 
 def test_co_batched_prefill_and_decode_return_results_in_op_order(tiny: LlamaBackend) -> None:
     toks = tiny.tokenize(PROMPT)
-    g = tiny.new_sampler(SamplerConfig())
+    g = tiny.new_sampler(SamplingParams())
     tiny.step([Prefill(0, toks)])
     res = tiny.step([Prefill(1, toks[:10]), Decode(0, g), Prefill(2, toks[:5])])
     assert res[0] is None
@@ -229,7 +230,7 @@ def test_co_batched_prefill_and_decode_return_results_in_op_order(tiny: LlamaBac
 
 def test_logits_survive_decodes_of_other_sequences(tiny: LlamaBackend) -> None:
     toks = tiny.tokenize(PROMPT)
-    g = tiny.new_sampler(SamplerConfig())
+    g = tiny.new_sampler(SamplingParams())
     tiny.step([Prefill(0, toks)])
     expected = stored_logits(tiny, 0)
     tiny.step([Prefill(1, toks[:7])])  # overwrites the context's output rows
@@ -242,7 +243,7 @@ def test_logits_survive_decodes_of_other_sequences(tiny: LlamaBackend) -> None:
 
 def test_invalid_ops_raise_before_llama_cpp_is_called(tiny: LlamaBackend) -> None:
     toks = tiny.tokenize(PROMPT)
-    g = tiny.new_sampler(SamplerConfig())
+    g = tiny.new_sampler(SamplingParams())
     tiny.step([Prefill(0, toks)])
     n = tiny.info.n_vocab
     bad = [
@@ -273,13 +274,13 @@ def test_validation_happens_before_llama_decode(tiny_model_path: Path, no_decode
         with pytest.raises(ContextOverflowError):
             b.step([Prefill(0, [5] * 64)])
         with pytest.raises(InvalidRequestError):
-            b.step([Decode(0, b.new_sampler(SamplerConfig()))])
+            b.step([Decode(0, b.new_sampler(SamplingParams()))])
         assert b.seq_len(0) == 0
 
 
 def test_context_overflow_leaves_room_for_one_generated_token(tiny_model_path: Path) -> None:
     with LlamaBackend.load(tiny_model_path, n_ctx=64, n_batch=64, n_threads=2) as b:
-        g = b.new_sampler(SamplerConfig())
+        g = b.new_sampler(SamplingParams())
         with pytest.raises(ContextOverflowError):
             b.step([Prefill(0, [5] * 64)])
         b.step([Prefill(0, [5] * 63)])
@@ -309,7 +310,7 @@ def test_failed_decode_raises_and_drops_the_batch_sequences_logits(
     tiny: LlamaBackend, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     toks = tiny.tokenize(PROMPT)
-    g = tiny.new_sampler(SamplerConfig())
+    g = tiny.new_sampler(SamplingParams())
     tiny.step([Prefill(0, toks), Prefill(1, toks)])
     monkeypatch.setattr(llama_backend._L, "llama_decode", lambda *_: 1)  # "no KV slot"
     with pytest.raises(ModelError, match="status 1"):
@@ -331,7 +332,7 @@ def placement_diffs(b: LlamaBackend, toks: list[int], neighbour: list[int]) -> t
         for seq in range(4):
             b.clear_seq(seq)
         b.unpack(1, buf)
-        g = b.new_sampler(SamplerConfig())
+        g = b.new_sampler(SamplingParams())
         ref = []
         for _ in range(6):
             ref.append(stored_logits(b, 1))
@@ -365,9 +366,9 @@ def test_both_sampling_paths_give_identical_tokens(tiny: LlamaBackend) -> None:
     toks = tiny.tokenize(PROMPT)
     tiny.step([Prefill(0, toks)])
     for cfg in (
-        SamplerConfig(),
-        SamplerConfig(temperature=0.9, seed=11, top_k=20, top_p=0.95, min_p=0.01),
-        SamplerConfig(temperature=1.5, seed=3, repeat_penalty=1.3),
+        SamplingParams(),
+        SamplingParams(temperature=0.9, seed=11, top_k=20, top_p=0.95, min_p=0.01),
+        SamplingParams(temperature=1.5, seed=3, repeat_penalty=1.3),
     ):
         for _ in range(4):
             pos = tiny.seq_len(0)
@@ -395,7 +396,7 @@ def test_seeded_draw_depends_on_position_not_on_draw_count(tiny: LlamaBackend) -
     toks = tiny.tokenize(PROMPT)
     tiny.step([Prefill(0, toks)])
     logits = stored_logits(tiny, 0)
-    cfg = SamplerConfig(temperature=2.0, seed=5)
+    cfg = SamplingParams(temperature=2.0, seed=5)
     s1 = tiny.new_sampler(cfg)
     for p in range(5):
         tiny.sample_logits(s1, logits, p)  # advance s1 by five draws
@@ -403,26 +404,26 @@ def test_seeded_draw_depends_on_position_not_on_draw_count(tiny: LlamaBackend) -
     assert [tiny.sample_logits(s1, logits, p) for p in range(40, 60)] == [
         tiny.sample_logits(s2, logits, p) for p in range(40, 60)
     ]
-    s3 = tiny.new_sampler(SamplerConfig(temperature=2.0, seed=6))
+    s3 = tiny.new_sampler(SamplingParams(temperature=2.0, seed=6))
     assert len({tiny.sample_logits(s3, logits, p) for p in range(40, 60)}) > 1
 
 
 @pytest.mark.parametrize(
     "cfg",
     [
-        pytest.param(SamplerConfig(), id="greedy"),
-        pytest.param(SamplerConfig(temperature=0.8, seed=42), id="temp0.8-seed"),
-        pytest.param(SamplerConfig(temperature=0.8, seed=42, repeat_penalty=1.1), id="penalty"),
-        pytest.param(SamplerConfig(repeat_penalty=1.1), id="greedy-penalty"),
+        pytest.param(SamplingParams(), id="greedy"),
+        pytest.param(SamplingParams(temperature=0.8, seed=42), id="temp0.8-seed"),
+        pytest.param(SamplingParams(temperature=0.8, seed=42, repeat_penalty=1.1), id="penalty"),
+        pytest.param(SamplingParams(repeat_penalty=1.1), id="greedy-penalty"),
     ],
 )
 def test_stop_and_resume_gives_the_tokens_of_one_run(
-    tiny: LlamaBackend, cfg: SamplerConfig
+    tiny: LlamaBackend, cfg: SamplingParams
 ) -> None:
     assert_stop_and_resume_exact(tiny, tiny.tokenize(PROMPT), cfg)
 
 
-def assert_stop_and_resume_exact(b: LlamaBackend, toks: list[int], cfg: SamplerConfig) -> None:
+def assert_stop_and_resume_exact(b: LlamaBackend, toks: list[int], cfg: SamplingParams) -> None:
     s = b.new_sampler(cfg, history=toks)
     b.step([Prefill(0, toks)])
     whole = gen(b, 0, s, 20)
@@ -444,7 +445,7 @@ def test_penalty_window_is_primed_with_history(tiny: LlamaBackend) -> None:
     tiny.step([Prefill(0, toks)])
     logits = stored_logits(tiny, 0)
     top = int(np.argmax(logits))
-    cfg = SamplerConfig(repeat_penalty=100.0)
+    cfg = SamplingParams(repeat_penalty=100.0)
     plain = tiny.new_sampler(cfg)
     primed = tiny.new_sampler(cfg, history=[top])
     assert tiny.sample_logits(plain, logits, 0) == top
@@ -459,8 +460,8 @@ def test_grammar_constrains_output_and_ends_with_eog(tiny: LlamaBackend) -> None
     tiny.step([Prefill(0, toks)])
     before = stored_logits(tiny, 0)
     for cfg in (
-        SamplerConfig(grammar='root ::= "yes" | "no"'),
-        SamplerConfig(grammar='root ::= "yes" | "no"', temperature=1.0, seed=9),
+        SamplingParams(grammar='root ::= "yes" | "no"'),
+        SamplingParams(grammar='root ::= "yes" | "no"', temperature=1.0, seed=9),
     ):
         tiny.clear_seq(0)
         tiny.step([Prefill(0, toks)])
@@ -473,8 +474,8 @@ def test_grammar_constrains_output_and_ends_with_eog(tiny: LlamaBackend) -> None
     # the EOG decode kept the logits it was sampled from, also beside another seq's decode
     tiny.clear_seq(0)
     tiny.step([Prefill(0, toks), Prefill(1, toks)])
-    s = tiny.new_sampler(SamplerConfig(grammar='root ::= "yes" | "no"'))
-    g = tiny.new_sampler(SamplerConfig())
+    s = tiny.new_sampler(SamplingParams(grammar='root ::= "yes" | "no"'))
+    g = tiny.new_sampler(SamplingParams())
     while True:
         r0, _ = tiny.step([Decode(0, s), Decode(1, g)])
         assert isinstance(r0, Sampled)
@@ -497,25 +498,25 @@ def test_grammar_constrains_output_and_ends_with_eog(tiny: LlamaBackend) -> None
 )
 def test_invalid_grammar_raises_invalid_request(tiny: LlamaBackend, grammar: str) -> None:
     with pytest.raises(InvalidRequestError, match="invalid grammar") as ei:
-        tiny.new_sampler(SamplerConfig(grammar=grammar))
+        tiny.new_sampler(SamplingParams(grammar=grammar))
     assert ei.value.param == "grammar"
     assert tiny.n_samplers == 0
 
 
 def test_grammar_with_an_empty_alternative_is_valid(tiny: LlamaBackend) -> None:
     # llama.cpp accepts it: root may be empty, and then only an EOG token may follow.
-    tiny.free_sampler(tiny.new_sampler(SamplerConfig(grammar='root ::= "yes" | ')))
+    tiny.free_sampler(tiny.new_sampler(SamplingParams(grammar='root ::= "yes" | ')))
 
 
 _DEAD_END = r"""
 import sys
 import numpy as np
 from erllama_py.errors import InvalidRequestError
-from erllama_py.model.backend import SamplerConfig
+from erllama_py.params import SamplingParams
 from erllama_py.model.llama_backend import LlamaBackend
 
 b = LlamaBackend.load(sys.argv[1], n_ctx=128, n_batch=64)
-s = b.new_sampler(SamplerConfig(grammar='root ::= "yes"'))
+s = b.new_sampler(SamplingParams(grammar='root ::= "yes"'))
 logits = np.full(b.info.n_vocab, -np.inf, dtype=np.float32)
 logits[b.tokenize("hello", add_special=False)[0]] = 1.0  # the only finite token is banned
 try:
@@ -543,7 +544,7 @@ def test_json_schema_output_parses(tiny: LlamaBackend) -> None:
     }
     toks = tiny.tokenize(PROMPT)
     tiny.step([Prefill(0, toks)])
-    s = tiny.new_sampler(SamplerConfig.from_dict({"json_schema": schema}))
+    s = tiny.new_sampler(SamplingParams.from_dict({"json_schema": schema}))
     out = gen(tiny, 0, s, 60)
     assert out[-1] in tiny.info.eog
     assert json.loads(tiny.detokenize(out[:-1])) in ({"ok": True}, {"ok": False})
@@ -564,13 +565,13 @@ def test_sampler_config_validation() -> None:
         {"grammar": 'root ::= "a"', "json_schema": "{}"},
     ):
         with pytest.raises(InvalidRequestError):
-            SamplerConfig(**kw)  # type: ignore[arg-type]
+            SamplingParams(**kw)  # type: ignore[arg-type]
     with pytest.raises(InvalidRequestError):
-        SamplerConfig.from_dict({"temprature": 1})
+        SamplingParams.from_dict({"temprature": 1})
 
 
 def test_samplers_are_freed_and_unknown_ids_refused(tiny: LlamaBackend) -> None:
-    ids = [tiny.new_sampler(SamplerConfig(temperature=1.0)) for _ in range(5)]
+    ids = [tiny.new_sampler(SamplingParams(temperature=1.0)) for _ in range(5)]
     assert tiny.n_samplers == 5
     for i in ids:
         tiny.free_sampler(i)
@@ -579,7 +580,7 @@ def test_samplers_are_freed_and_unknown_ids_refused(tiny: LlamaBackend) -> None:
     with pytest.raises(InvalidRequestError):
         tiny.free_sampler(10**6)
     with pytest.raises(InvalidRequestError):
-        tiny.new_sampler(SamplerConfig(), history=[tiny.info.n_vocab])
+        tiny.new_sampler(SamplingParams(), history=[tiny.info.n_vocab])
     from_ipc = tiny.new_sampler({"temperature": 0.5, "seed": 3})  # a mapping is accepted
     tiny.free_sampler(from_ipc)
     with pytest.raises(InvalidRequestError):
@@ -591,7 +592,7 @@ def test_samplers_are_freed_and_unknown_ids_refused(tiny: LlamaBackend) -> None:
 
 def test_truncate_drops_logits_and_allows_re_prefill(tiny: LlamaBackend) -> None:
     toks = tiny.tokenize(PROMPT)
-    g = tiny.new_sampler(SamplerConfig())
+    g = tiny.new_sampler(SamplingParams())
     tiny.step([Prefill(0, toks)])
     assert tiny.truncate(0, len(toks))  # no-op keeps logits
     assert tiny.has_logits(0)
@@ -615,7 +616,7 @@ def test_truncate_drops_logits_and_allows_re_prefill(tiny: LlamaBackend) -> None
 
 def test_pack_seq0_unpack_seq1_continues_exactly(tiny: LlamaBackend) -> None:
     toks = tiny.tokenize(PROMPT)
-    g = tiny.new_sampler(SamplerConfig())
+    g = tiny.new_sampler(SamplingParams())
     tiny.step([Prefill(0, toks)])
     with tiny.pack(0) as buf:
         h = parse_header(buf.view())
@@ -641,7 +642,7 @@ def test_unpack_from_bytes_and_from_a_received_fd(tiny: LlamaBackend) -> None:
     assert tiny.unpack(1, data) == len(toks)
     assert tiny.unpack(2, received) == len(toks)
     received.close()  # logits were copied: closing right away is fine
-    g = tiny.new_sampler(SamplerConfig())
+    g = tiny.new_sampler(SamplingParams())
     assert gen(tiny, 1, g, 5) == gen(tiny, 2, g, 5)
 
 
@@ -722,11 +723,11 @@ def test_states_move_between_compatible_contexts_only(
 ) -> None:
     toks = tiny.tokenize(PROMPT)
     tiny.step([Prefill(0, toks)])
-    g = tiny.new_sampler(SamplerConfig())
+    g = tiny.new_sampler(SamplingParams())
     with tiny.pack(0) as buf:
         with LlamaBackend.load(tiny_model_path, n_ctx=1024, n_batch=64, n_seq_max=4) as other:
             assert other.unpack(1, buf) == len(toks)  # another n_ctx and n_batch: fine
-            g2 = other.new_sampler(SamplerConfig())
+            g2 = other.new_sampler(SamplingParams())
             assert gen(other, 1, g2, 6) == gen(tiny, 0, g, 6)
         with LlamaBackend.load(tiny_model_path, n_ctx=512, flash_attn=False) as no_fa:
             with pytest.raises(CacheFormatError) as ei:
@@ -747,7 +748,7 @@ def test_states_move_between_compatible_contexts_only(
 
 def test_embed_is_deterministic_and_leaves_sequences_alone(tiny: LlamaBackend) -> None:
     toks = tiny.tokenize(PROMPT)
-    g = tiny.new_sampler(SamplerConfig())
+    g = tiny.new_sampler(SamplingParams())
     tiny.step([Prefill(0, toks)])
     e1 = tiny.embed(toks[:20])
     assert len(e1) == tiny.info.n_embd
@@ -762,7 +763,7 @@ def test_embed_is_deterministic_and_leaves_sequences_alone(tiny: LlamaBackend) -
 
 def test_close_is_idempotent_and_later_calls_fail(tiny_model_path: Path) -> None:
     b = LlamaBackend.load(tiny_model_path, n_ctx=128, n_batch=64)
-    b.new_sampler(SamplerConfig(grammar='root ::= "a"'))
+    b.new_sampler(SamplingParams(grammar='root ::= "a"'))
     b.embed([5, 6])
     b.close()
     b.close()
@@ -822,7 +823,7 @@ def test_gemma_info_tokenizer_and_chat_fallback(gemma: LlamaBackend) -> None:
 @pytest.mark.real_model
 def test_gemma_pack_unpack_600_tokens_continues_exactly(gemma: LlamaBackend) -> None:
     toks = gemma_prompt(gemma, 600)
-    g = gemma.new_sampler(SamplerConfig())
+    g = gemma.new_sampler(SamplingParams())
     prefill(gemma, 0, toks)
     with gemma.pack(0) as buf:
         assert gemma.unpack(1, buf) == 600
@@ -834,14 +835,14 @@ def test_gemma_pack_unpack_600_tokens_continues_exactly(gemma: LlamaBackend) -> 
 @pytest.mark.parametrize(
     "cfg",
     [
-        pytest.param(SamplerConfig(), id="greedy"),
+        pytest.param(SamplingParams(), id="greedy"),
         pytest.param(
-            SamplerConfig(temperature=0.8, seed=1234, top_k=40, repeat_penalty=1.1),
+            SamplingParams(temperature=0.8, seed=1234, top_k=40, repeat_penalty=1.1),
             id="temp0.8-seed-penalty",
         ),
     ],
 )
-def test_gemma_stop_and_resume_is_exact(gemma: LlamaBackend, cfg: SamplerConfig) -> None:
+def test_gemma_stop_and_resume_is_exact(gemma: LlamaBackend, cfg: SamplingParams) -> None:
     assert_stop_and_resume_exact(gemma, gemma_prompt(gemma, 80), cfg)
 
 
@@ -877,7 +878,7 @@ def test_gemma_truncate_respects_the_sliding_window(gemma: LlamaBackend) -> None
     assert gemma.truncate(0, 300)
     assert gemma.seq_len(0) == 300
     gemma.step([Prefill(0, toks[300:301])])
-    g = gemma.new_sampler(SamplerConfig())
+    g = gemma.new_sampler(SamplingParams())
     gen(gemma, 0, g, 2)
     assert gemma.seq_len(0) == 303
 
@@ -889,7 +890,7 @@ def test_gemma_restore_sampling_and_the_2000_token_measurement(gemma: LlamaBacke
     t0 = time.perf_counter()
     prefill(gemma, 0, toks)
     cold_prefill = time.perf_counter() - t0
-    g = gemma.new_sampler(SamplerConfig())
+    g = gemma.new_sampler(SamplingParams())
     t0 = time.perf_counter()
     buf = gemma.pack(0)
     pack_s = time.perf_counter() - t0
@@ -901,7 +902,7 @@ def test_gemma_restore_sampling_and_the_2000_token_measurement(gemma: LlamaBacke
     t0 = time.perf_counter()
     first_warm = gemma.sample_logits(g, logits, 2000)
     sample_s = time.perf_counter() - t0
-    s2 = gemma.new_sampler(SamplerConfig(temperature=0.8, top_k=40, seed=1, repeat_penalty=1.1))
+    s2 = gemma.new_sampler(SamplingParams(temperature=0.8, top_k=40, seed=1, repeat_penalty=1.1))
     times = []
     for p in range(20):
         t0 = time.perf_counter()

@@ -5,9 +5,9 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from erllama_py.model.options import RequestOptions
 from erllama_py.model.planner import plan_tick, prefill_limit
 from erllama_py.model.request import Request, RequestSink
+from erllama_py.params import RequestOptions
 
 
 def _request(

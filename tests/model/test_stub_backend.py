@@ -13,9 +13,10 @@ from erllama_py.errors import (
     InvalidRequestError,
     ModelError,
 )
-from erllama_py.model.backend import Backend, Decode, Prefill, Sampled, SamplerConfig
+from erllama_py.model.backend import Backend, Decode, Prefill, Sampled
 from erllama_py.model.statebuf import KIND_STUB, StateBuffer, logits_of, parse_header
 from erllama_py.model.stub_backend import STUB_BOS, STUB_EOS, StubBackend, stub_logits
+from erllama_py.params import SamplingParams
 
 
 @pytest.fixture
@@ -66,7 +67,7 @@ def test_chat_template_renders_role_lines_and_validates(stub: StubBackend) -> No
 
 
 def test_same_context_and_sampler_give_the_same_tokens(stub: StubBackend) -> None:
-    g = stub.new_sampler(SamplerConfig())
+    g = stub.new_sampler(SamplingParams())
     toks = stub.tokenize("a b c")
     stub.step([Prefill(0, toks), Prefill(1, toks)])
     assert _generate(stub, 0, g, 10) == _generate(stub, 1, g, 10)
@@ -74,15 +75,15 @@ def test_same_context_and_sampler_give_the_same_tokens(stub: StubBackend) -> Non
 
 
 def test_sampler_mixup_is_visible(stub: StubBackend) -> None:
-    a = stub.new_sampler(SamplerConfig(temperature=0.7, seed=1))
-    b = stub.new_sampler(SamplerConfig(temperature=0.7, seed=2))
+    a = stub.new_sampler(SamplingParams(temperature=0.7, seed=1))
+    b = stub.new_sampler(SamplingParams(temperature=0.7, seed=2))
     toks = stub.tokenize("a b c")
     stub.step([Prefill(0, toks), Prefill(1, toks)])
     assert _generate(stub, 0, a, 5) != _generate(stub, 1, b, 5)
 
 
 def test_stop_and_resume_equals_one_uninterrupted_run(stub: StubBackend) -> None:
-    cfg = SamplerConfig(temperature=0.8, seed=7, repeat_penalty=1.1)
+    cfg = SamplingParams(temperature=0.8, seed=7, repeat_penalty=1.1)
     toks = stub.tokenize("one two three")
     s1 = stub.new_sampler(cfg)
     stub.step([Prefill(0, toks)])
@@ -98,7 +99,7 @@ def test_stop_and_resume_equals_one_uninterrupted_run(stub: StubBackend) -> None
 
 
 def test_co_batched_ops_return_results_in_op_order(stub: StubBackend) -> None:
-    g = stub.new_sampler(SamplerConfig())
+    g = stub.new_sampler(SamplingParams())
     stub.step([Prefill(0, [5, 6])])
     res = stub.step([Prefill(1, [7, 8, 9]), Decode(0, g)])
     assert res[0] is None
@@ -108,7 +109,7 @@ def test_co_batched_ops_return_results_in_op_order(stub: StubBackend) -> None:
 
 
 def test_validation_matches_the_llama_backend(stub: StubBackend) -> None:
-    g = stub.new_sampler(SamplerConfig())
+    g = stub.new_sampler(SamplingParams())
     with pytest.raises(InvalidRequestError):
         stub.step([Prefill(0, [1000])])
     with pytest.raises(InvalidRequestError):
@@ -137,7 +138,7 @@ def test_context_overflow_leaves_room_for_one_token() -> None:
     with pytest.raises(ContextOverflowError):
         b.step([Prefill(0, [5] * 16)])
     b.step([Prefill(0, [5] * 15)])
-    g = b.new_sampler(SamplerConfig())
+    g = b.new_sampler(SamplingParams())
     b.step([Decode(0, g)])
     assert b.seq_len(0) == 16
     with pytest.raises(ContextOverflowError):
@@ -153,7 +154,7 @@ def test_unified_kv_pool_is_shared_by_sequences() -> None:
 
 def test_eog_after_n_tokens_is_reported_and_not_appended() -> None:
     b = StubBackend(n_vocab=100, eog_after=3)
-    g = b.new_sampler(SamplerConfig())
+    g = b.new_sampler(SamplingParams())
     b.step([Prefill(0, [5, 6])])
     res = [b.step([Decode(0, g)])[0] for _ in range(4)]
     assert [r.eog for r in res if r] == [False, False, False, True]
@@ -237,7 +238,7 @@ def test_step_delay_slows_every_step() -> None:
 
 
 def test_samplers_and_embeddings(stub: StubBackend) -> None:
-    s = stub.new_sampler(SamplerConfig(grammar='root ::= "a"'))
+    s = stub.new_sampler(SamplingParams(grammar='root ::= "a"'))
     assert stub.n_samplers == 1
     stub.free_sampler(s)
     stub.free_sampler(s)
@@ -245,7 +246,7 @@ def test_samplers_and_embeddings(stub: StubBackend) -> None:
     with pytest.raises(InvalidRequestError):
         stub.free_sampler(12345)
     with pytest.raises(InvalidRequestError):
-        stub.new_sampler(SamplerConfig(grammar="x ::= y"))
+        stub.new_sampler(SamplingParams(grammar="x ::= y"))
     e1, e2 = stub.embed([5, 6]), stub.embed([5, 7])
     assert len(e1) == 16
     assert e1 == stub.embed([5, 6])

@@ -57,7 +57,8 @@ _CHECK = r"""
 import json, sys
 import numpy as np
 from erllama_py.model.llama_backend import LlamaBackend
-from erllama_py.model.backend import Decode, Prefill, SamplerConfig
+from erllama_py.model.backend import Decode, Prefill
+from erllama_py.params import SamplingParams
 
 out = {}
 b = LlamaBackend.load(sys.argv[1], n_ctx=512, n_batch=256, n_seq_max=2, n_threads=2)
@@ -65,7 +66,7 @@ out["n_vocab"] = b.info.n_vocab
 out["eog"] = list(b.info.eog)
 out["template"] = b.info.chat_template is not None
 toks = b.tokenize("hello world the cat and the dog " * 4)
-g = b.new_sampler(SamplerConfig())
+g = b.new_sampler(SamplingParams())
 b.step([Prefill(0, toks)])
 buf = b.pack(0)
 run1 = [b.step([Decode(0, g)])[0].token for _ in range(12)]
