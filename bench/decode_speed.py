@@ -55,18 +55,18 @@ def ours(rt: Any, model: str, tokens: list[int], n: int) -> dict[str, Any]:
     times: list[float] = []
     result: dict[str, Any] = {}
     for event in rt.stream(model, tokens, max_tokens=n):
-        if event["type"] == "delta" and event["tokens"]:
+        if event.type == "delta" and event.tokens:
             times.append(time.perf_counter())
-        elif event["type"] == "done":
-            result = event["result"]
-    count = len(result["tokens"])
+        elif event.type == "done":
+            result = event.completion
+    count = len(result.tokens)
     return {
         "rate": (count - 1) / (times[-1] - times[0]) if count > 1 else float("nan"),
         "gap_rate": _gap_rate(times),
         "ttft": (times[0] - started) * 1000.0,
         "count": count,
-        "text": result["text"],
-        "decode_ms": float(result["timings"]["decode_ms"]),
+        "text": result.text,
+        "decode_ms": float(result.timings.decode_ms),
     }
 
 

@@ -126,14 +126,14 @@ def ours_turn(
     started = time.perf_counter()
     result = rt.chat(model, messages, max_tokens=max_tokens)
     wall = (time.perf_counter() - started) * 1000.0
-    usage = result["usage"]
+    usage = result.usage
     return {
-        "ttft": float(result["timings"]["ttft_ms"]),
+        "ttft": float(result.timings.ttft_ms),
         "wall": wall,
-        "share": usage["cached_tokens"] / usage["prompt_tokens"],
-        "prompt": usage["prompt_tokens"],
-        "kind": result["cache"]["kind"],
-        "text": result["text"],
+        "share": usage.cached_tokens / usage.prompt_tokens,
+        "prompt": usage.prompt_tokens,
+        "kind": result.cache.kind,
+        "text": result.text,
     }
 
 

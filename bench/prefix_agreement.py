@@ -111,23 +111,21 @@ def main() -> None:
             for kind, model in references.items():
                 ref_rt.cache.gc()
                 colds[kind] = ref_rt.complete(model, tokens, max_tokens=args.continuation)
-                assert colds[kind]["cache"]["kind"] == "cold"
-            record["cold_ttft"] = colds["normal"]["timings"]["ttft_ms"]
-            record["references_equal"] = (
-                colds["normal"]["tokens"] == colds["deterministic"]["tokens"]
-            )
+                assert colds[kind].cache.kind == "cold"
+            record["cold_ttft"] = colds["normal"].timings.ttft_ms
+            record["references_equal"] = colds["normal"].tokens == colds["deterministic"].tokens
             for mode in MODES:
                 cold = colds["normal" if mode == "normal" else "deterministic"]
                 hit = rt.complete(models[mode], tokens, max_tokens=args.continuation)
                 record[mode] = {
-                    "equal": hit["tokens"] == cold["tokens"],
-                    "tokens": hit["tokens"],
-                    "kind": hit["cache"]["kind"],
-                    "cached": hit["usage"]["cached_tokens"],
-                    "ttft": hit["timings"]["ttft_ms"],
-                    "diverge": divergence(hit["tokens"], cold["tokens"]),
+                    "equal": hit.tokens == cold.tokens,
+                    "tokens": hit.tokens,
+                    "kind": hit.cache.kind,
+                    "cached": hit.usage.cached_tokens,
+                    "ttft": hit.timings.ttft_ms,
+                    "diverge": divergence(hit.tokens, cold.tokens),
                     "agree": sum(
-                        1 for x, y in zip(hit["tokens"], cold["tokens"], strict=False) if x == y
+                        1 for x, y in zip(hit.tokens, cold.tokens, strict=False) if x == y
                     ),
                 }
             pairs.append(record)

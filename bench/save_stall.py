@@ -62,15 +62,15 @@ def generate(rt: Any, model: str, tokens: list[int], n: int) -> dict[str, Any]:
     times: list[float] = []
     result: dict[str, Any] = {}
     for event in rt.stream(model, tokens, max_tokens=n):
-        if event["type"] == "delta" and event["tokens"]:
+        if event.type == "delta" and event.tokens:
             times.append(time.perf_counter())
-        elif event["type"] == "done":
-            result = event["result"]
+        elif event.type == "done":
+            result = event.completion
     rt.cache.wait_idle(120.0)
     after = rt.counters()
     gaps = [(b - a) * 1000.0 for a, b in itertools.pairwise(times)]
-    saves = after["saves_continued"] - before["saves_continued"]
-    pack_ms = (after["pack_total_ns"] - before["pack_total_ns"]) / 1e6
+    saves = after.saves_continued - before.saves_continued
+    pack_ms = (after.pack_total_ns - before.pack_total_ns) / 1e6
     return {
         "rate": (len(times) - 1) / (times[-1] - times[0]),
         "gap_rate": 1000.0 / median(gaps),
@@ -78,7 +78,7 @@ def generate(rt: Any, model: str, tokens: list[int], n: int) -> dict[str, Any]:
         "max": max(gaps),
         "saves": saves,
         "pack_ms": pack_ms,
-        "tokens": result["tokens"],
+        "tokens": result.tokens,
     }
 
 
@@ -112,7 +112,7 @@ def main() -> None:
                 print(f"rep {rep + 1}/{args.reps}: {name}", flush=True)
                 run = generate(rt, models[name], tokens, args.tokens)
                 runs[name].append(run)
-                outputs.append(run["tokens"])
+                outputs.append(run.tokens)
             same_output.append(all(o == outputs[0] for o in outputs))
 
     off = runs["saves off"]

@@ -51,13 +51,13 @@ def main() -> None:
         for size in (int(s) for s in args.sizes.split(",")):
             tokens = tokens_of(rt, model, size, (NAME, size))
             cold = rt.complete(model, tokens, max_tokens=1)
-            assert cold["cache"]["kind"] == "cold"
+            assert cold.cache.kind == "cold"
             rt.cache.wait_idle(60.0)
             warm = [rt.complete(model, tokens, max_tokens=1) for _ in range(args.warm)]
-            assert all(w["cache"]["kind"] == "exact" for w in warm)
-            ttft = [w["timings"]["ttft_ms"] for w in warm]
-            restore = [w["timings"]["restore_ms"] for w in warm]
-            cold_ms = cold["timings"]["ttft_ms"]
+            assert all(w.cache.kind == "exact" for w in warm)
+            ttft = [w.timings.ttft_ms for w in warm]
+            restore = [w.timings.restore_ms for w in warm]
+            cold_ms = cold.timings.ttft_ms
             rows.append(
                 [
                     size,

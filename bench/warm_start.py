@@ -64,18 +64,18 @@ def ours(rt: Any, model: str, tokens: list[int]) -> dict[str, Any]:
     result = rt.complete(model, tokens, max_tokens=1)
     wall = (time.perf_counter() - started) * 1000.0
     return {
-        "ttft": float(result["timings"]["ttft_ms"]),
+        "ttft": float(result.timings.ttft_ms),
         "wall": wall,
-        "restore": float(result["timings"]["restore_ms"]),
-        "kind": result["cache"]["kind"],
-        "cached": result["usage"]["cached_tokens"],
+        "restore": float(result.timings.restore_ms),
+        "kind": result.cache.kind,
+        "cached": result.usage.cached_tokens,
     }
 
 
 def row_path(rt: Any, n_tokens: int, kind: str) -> str | None:
     for row in rt.cache_rows():
-        if row["tokens"] == n_tokens and row["kind"] == kind and row["path"]:
-            return str(row["path"])
+        if row.n_tokens == n_tokens and row.kind == kind and row.path:
+            return str(row.path)
     return None
 
 
@@ -221,7 +221,7 @@ def report(sizes: list[int], acc: Collected, reps: int) -> str:
     out = [
         "Time to first token of a 1-token completion on a prompt of N tokens (ms): median "
         f"(min-max) over {reps} repetitions; a repetition's warm time is the median of its warm "
-        "calls. Ours: `result['timings']['ttft_ms']` (submit to first token); the `wall` rows "
+        "calls. Ours: `result.timings.ttft_ms` (submit to first token); the `wall` rows "
         "time the whole `rt.complete` call. Peer: first streamed chunk; its `wall` rows include "
         "the synchronous state save that follows.",
         "",

@@ -17,11 +17,11 @@ from typing import Any
 import pykka
 
 from erllama_py.cache.handle import CacheHandle
-from erllama_py.cache.shared import CacheShared
-from erllama_py.cache.sup import cache_sup_spec
+from erllama_py.cache.state import CacheState
+from erllama_py.cache.tree import cache_sup_spec
 from erllama_py.config import Config
 from erllama_py.model.registry import ModelRegistry, ModelTable
-from erllama_py.model.sup import model_sup_spec
+from erllama_py.model.tree import model_sup_spec
 from erllama_py.pressure import PRESSURE_NAME, PressureActor
 from supervisors import ChildSpec, Registry, Supervisor
 
@@ -49,7 +49,7 @@ def start_tree(config: Config) -> Tree:
         Exception: whatever a child's start raised (nothing is left running).
     """
     registry = Registry()
-    cache_shared = CacheShared(settings=config.cache, registry=registry)
+    cache_shared = CacheState(settings=config.cache, registry=registry)
     cache = CacheHandle(cache_shared)
     table = ModelTable()
     restart = config.restart

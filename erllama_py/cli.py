@@ -25,6 +25,7 @@ from erllama_py.config import load_config
 from erllama_py.errors import ErllamaError
 from erllama_py.model.catalog import KNOWN_MODELS, resolve_model
 from erllama_py.model.testmodel import main_make_test_model
+from erllama_py.results import Delta
 from erllama_py.runtime import Runtime, start
 from erllama_py.treeview import render_tree
 
@@ -44,13 +45,13 @@ def _print_tree(rt: Runtime, console: Console) -> None:
     console.print(render_tree(rt.tree()))
     for info in rt.models():
         console.print(
-            f"model [bold]{info['name']}[/bold]: {info['description']} ({info['quant']}), "
-            f"n_ctx {info['n_ctx']}, worker pid {info['worker']['pid']}, tier {info['tier']}"
+            f"model [bold]{info.name}[/bold]: {info.description} ({info.quant}), "
+            f"n_ctx {info.n_ctx}, worker pid {info.worker.pid}, tier {info.tier}"
         )
 
 
 def _serve_prompts(rt: Runtime, console: Console) -> None:
-    names = [m["name"] for m in rt.models()]
+    names = [m.name for m in rt.models()]
     if not names:
         console.print("no model loaded (add one under models: in sys.yaml)")
         return
@@ -65,15 +66,15 @@ def _serve_prompts(rt: Runtime, console: Console) -> None:
             return
         try:
             for event in rt.stream(model, prompt, max_tokens=64):
-                if event["type"] == "delta":
-                    console.print(event["text"], end="", markup=False, highlight=False)
+                if isinstance(event, Delta):
+                    console.print(event.text, end="", markup=False, highlight=False)
                 else:
-                    result = event["result"]
-                    usage = result["usage"]
+                    result = event.completion
+                    usage = result.usage
                     console.print(
-                        f"\n[dim]{result['finish_reason']}; {usage['prompt_tokens']} prompt tokens "
-                        f"({usage['cached_tokens']} from cache, {result['cache']['kind']}), "
-                        f"ttft {result['timings']['ttft_ms']} ms[/dim]"
+                        f"\n[dim]{result.finish_reason}; {usage.prompt_tokens} prompt tokens "
+                        f"({usage.cached_tokens} from cache, {result.cache.kind}), "
+                        f"ttft {result.timings.ttft_ms} ms[/dim]"
                     )
         except ErllamaError as exc:
             console.print(f"[red]{type(exc).__name__}: {exc}[/red]")

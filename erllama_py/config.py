@@ -25,6 +25,7 @@ from typing import Any, Literal, TypeVar
 import yaml
 
 from erllama_py.errors import ConfigError
+from erllama_py.kinds import TierKind
 
 __all__ = [
     "CacheSettings",
@@ -44,8 +45,7 @@ __all__ = [
     "validate_policy",
 ]
 
-TierKind = Literal["ram", "ram_file", "disk"]
-TIER_KINDS: tuple[TierKind, ...] = ("ram", "ram_file", "disk")
+TIER_KINDS: tuple[str, ...] = tuple(k.value for k in TierKind)
 MB = 1024 * 1024
 
 # Defaults, one per line, with their unit.
@@ -197,10 +197,13 @@ class TierSettings:
     quota_bytes: int
     root: Path | None = None
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "kind", TierKind(self.kind))  # a plain "ram" is accepted
+
     @property
     def name(self) -> str:
         """The tier's name in rows and counters: ``ram``, ``ram_file:<root>``, ``disk:<root>``."""
-        return self.kind if self.root is None else f"{self.kind}:{self.root}"
+        return self.kind.value if self.root is None else f"{self.kind.value}:{self.root}"
 
 
 @dataclass(frozen=True)
@@ -256,7 +259,7 @@ class PressureSettings:
     high_watermark: float = DEFAULT_HIGH_WATERMARK
     low_watermark: float = DEFAULT_LOW_WATERMARK
     min_evict_bytes: int = DEFAULT_MIN_EVICT_BYTES
-    evict_tiers: tuple[TierKind, ...] = ("ram", "ram_file")
+    evict_tiers: tuple[TierKind, ...] = (TierKind.RAM, TierKind.RAM_FILE)
 
 
 @dataclass(frozen=True)
@@ -281,8 +284,8 @@ class DaemonSettings:
 
 def _default_tiers() -> tuple[TierSettings, ...]:
     return (
-        TierSettings("ram", DEFAULT_RAM_QUOTA_MB * MB),
-        TierSettings("disk", DEFAULT_DISK_QUOTA_MB * MB, _cache_dir() / "kvc"),
+        TierSettings(TierKind.RAM, DEFAULT_RAM_QUOTA_MB * MB),
+        TierSettings(TierKind.DISK, DEFAULT_DISK_QUOTA_MB * MB, _cache_dir() / "kvc"),
     )
 
 
@@ -429,7 +432,7 @@ def _tier(raw: object, path: str) -> TierSettings:
     kind = s.get("kind")
     if kind is None:
         raise ConfigError(s.key("kind"), f"is required (one of {', '.join(TIER_KINDS)})")
-    kind = s.choice("kind", "ram", TIER_KINDS)
+    kind = TierKind(s.choice("kind", "ram", TIER_KINDS))
     default_quota = {
         "ram": DEFAULT_RAM_QUOTA_MB,
         "ram_file": DEFAULT_RAM_FILE_QUOTA_MB,
@@ -614,7 +617,7 @@ def _pressure(raw: object) -> PressureSettings:
         high_watermark=high,
         low_watermark=low,
         min_evict_bytes=s.get_int("min_evict_bytes", DEFAULT_MIN_EVICT_BYTES, minimum=0),
-        evict_tiers=tuple(tiers),  # type: ignore[arg-type]
+        evict_tiers=tuple(TierKind(str(t)) for t in tiers),
     )
     s.done()
     return settings

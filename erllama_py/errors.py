@@ -19,7 +19,8 @@ Catch the family you can act on; every class carries what the caller needs::
     │   ├── ModelLoadError          the GGUF could not be loaded (bad path, corrupt, unsupported)
     │   ├── ModelFailedError        the model's restart intensity is exhausted; reload it
     │   ├── WorkerCrashedError      the context worker process died under a request
-    │   │                           (exit code or signal)
+    │   │                           (exit code or signal), or hung and was killed
+    │   ├── RequestTimeoutError     the request's own timeout expired
     │   └── InvalidRequestError     bad arguments: empty prompt, unknown option, token id
     │       │                       outside the vocabulary, negative max_tokens, ...
     │       └── ContextOverflowError  the prompt (plus max_tokens) does not fit n_ctx
@@ -45,6 +46,7 @@ __all__ = [
     "ModelNotFoundError",
     "PayloadTooLargeError",
     "ReservationError",
+    "RequestTimeoutError",
     "RuntimeStoppedError",
     "TierFullError",
     "UnknownTierError",
@@ -211,6 +213,19 @@ class WorkerCrashedError(ModelError):
         else:
             how = f"exited with status {exitcode}"
         super().__init__(f"context worker of model {model!r} {how}", model)
+
+
+class RequestTimeoutError(ModelError, TimeoutError):
+    """The request did not finish within the ``timeout`` it was given.
+
+    Differs from `WorkerCrashedError`: the model is healthy, the request was
+    slow (a long queue or a long generation). What it computed is saved as
+    usual, so resubmitting it is faster.
+    """
+
+    def __init__(self, message: str, model: str | None = None, request_id: str | None = None):
+        self.request_id = request_id
+        super().__init__(message, model)
 
 
 class InvalidRequestError(ModelError, ValueError):

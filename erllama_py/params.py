@@ -27,6 +27,7 @@ from erllama_py.errors import InvalidRequestError
 __all__ = [
     "DEFAULT_MAX_TOKENS",
     "JSON",
+    "ModelOptions",
     "PENALTY_WINDOW",
     "ChatMessage",
     "CompletionOptions",
@@ -226,6 +227,33 @@ class CompletionOptions(TypedDict, total=False):
     sampling: SamplingParams
     parent_key: str | bytes | None
     timeout: float | None
+
+
+class ModelOptions(TypedDict, total=False):
+    """The keyword options of ``load_model`` (the keys of a ``models:`` entry of sys.yaml).
+
+    ``model`` names a known model package (``"gemma-3-270m"``), or give
+    ``model_path``; ``backend="stub"`` loads the deterministic test backend.
+    ``n_ctx`` (tokens per sequence), ``n_batch`` (tokens per step),
+    ``n_seq_max`` (concurrent sequences), ``n_threads``, ``tier`` (where its
+    saves go), ``policy`` (save policy overrides), ``deterministic`` (hits
+    always equal cold runs), ``restart`` (``intensity``, ``period_s`` of its
+    worker), ``fingerprint`` (override the cache identity), ``stub`` (stub
+    backend knobs).
+    """
+
+    model: str
+    backend: Literal["llama", "stub"]
+    n_ctx: int
+    n_batch: int
+    n_seq_max: int
+    n_threads: int | None
+    tier: str
+    policy: Mapping[str, int | None]
+    deterministic: bool
+    restart: Mapping[str, float]
+    fingerprint: str | bytes
+    stub: Mapping[str, int | float]
 
 
 @dataclass(frozen=True)

@@ -1,44 +1,46 @@
-"""The public runtime: load models, complete prompts (sync, streaming, asyncio), inspect.
+"""The public runtime: load models, get their handles, inspect, stop.
 
-`erllama_py.start(config)` returns a `Runtime`. Every call validates its
-arguments before anything is queued (a clear error, never a hang), and every
-result is a plain, JSON-serialisable dict.
+`erllama_py.start(config)` returns a `Runtime`; ``rt.model(name)`` returns a
+`ModelHandle` with every per-model call (blocking and asyncio). The name-first
+calls on the runtime (``rt.complete("m", prompt)``) are thin forwarders to the
+handle, kept so that code written against them keeps working. Every result is
+a frozen, typed object with ``to_dict()``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import queue
-from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
-from concurrent.futures import TimeoutError as FutureTimeoutError
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Unpack
 
 import pykka
 
 from erllama_py.app import REGISTRY_NAME, Tree, start_tree
+from erllama_py.cache.counters import CounterSnapshot
+from erllama_py.cache.handle import CacheHandle
+from erllama_py.cache.rows import RowInfo
 from erllama_py.config import Config, load_config, parse_model
-from erllama_py.errors import (
-    ErllamaError,
-    InvalidRequestError,
-    ModelFailedError,
-    RuntimeStoppedError,
-)
-from erllama_py.model.actor import Cancel, Submit
-from erllama_py.model.request import Event, Request, RequestSink
-from erllama_py.model.shared import actor_name, sup_name
-from erllama_py.params import parse_options
-from supervisors import NoProcError, tree, which_children
+from erllama_py.errors import ErllamaError, RuntimeStoppedError
+from erllama_py.kinds import Phase
+from erllama_py.model.registry import ModelRegistry
+from erllama_py.model_handle import ModelHandle, RuntimeCore
+from erllama_py.params import ChatMessage, CompletionOptions, ModelOptions
+from erllama_py.results import CacheHit, Completion, ModelInfo
+from erllama_py.streams import AsyncEventStream, EventStream
+from supervisors import NoProcError, Registry, TreeNode, tree
 
-__all__ = ["EventStream", "Runtime", "start"]
+__all__ = ["Runtime", "astart", "start"]
 
-ACTOR_WAIT_S = 30.0  # a restarting model actor is waited for this long
+ACTOR_WAIT_S = 30.0  # a restarting registry is waited for this long
 LOAD_TIMEOUT_S = 600.0
-CALL_TIMEOUT_S = 60.0
+
+ConfigSource = str | Path | Mapping[str, Any] | Config | None
+"""A sys.yaml path, a mapping (sys.yaml's structure), a `Config`, or None for defaults."""
 
 
-def start(config: str | Path | Mapping[str, Any] | Config | None = None) -> Runtime:
+def start(config: ConfigSource = None) -> Runtime:
     """Start a runtime from a sys.yaml path, a mapping, a `Config`, or defaults (None).
 
     Raises:
@@ -48,14 +50,23 @@ def start(config: str | Path | Mapping[str, Any] | Config | None = None) -> Runt
     return Runtime(load_config(config))
 
 
+async def astart(config: ConfigSource = None) -> Runtime:
+    """`start` for asyncio (models load without blocking the event loop)."""
+    return await asyncio.to_thread(start, config)
+
+
 class Runtime:
-    """A running erllama-py: the supervision tree, the cache and the loaded models."""
+    """A running erllama-py: the supervision tree, the cache and the loaded models.
+
+    Use it as a context manager (``with`` or ``async with``), or call `stop`.
+    """
 
     def __init__(self, config: Config) -> None:
         self.config = config
         self._tree: Tree = start_tree(config)
-        self.cache = self._tree.cache
+        self.cache: CacheHandle = self._tree.cache
         self._stopped = False
+        self._core = RuntimeCore(self._tree, self._check_running)
         try:
             for settings in config.models:
                 self._registry().load(settings).get(timeout=LOAD_TIMEOUT_S)
@@ -65,39 +76,48 @@ class Runtime:
 
     # ------------------------------------------------------------------ models
 
-    def _registry(self) -> Any:
+    def _registry(self) -> pykka.ActorProxy[ModelRegistry]:
         self._check_running()
         try:
             ref = self._tree.registry.wait_for(REGISTRY_NAME, ACTOR_WAIT_S)
         except NoProcError as exc:
             raise RuntimeStoppedError("the model registry is not running") from exc
         assert isinstance(ref, pykka.ActorRef)
-        return ref.proxy()
+        proxy: pykka.ActorProxy[ModelRegistry] = ref.proxy()
+        return proxy
+
+    def model(self, name: str) -> ModelHandle:
+        """The handle of a loaded model.
+
+        Raises:
+            ModelNotFoundError: no model is loaded under `name`.
+        """
+        self._check_running()
+        self._tree.models.get(name)
+        return ModelHandle(self._core, name)
 
     def load_model(
-        self, name: str, model_path: str | Path | None = None, **options: Any
-    ) -> dict[str, Any]:
-        """Load a model under `name` and return its info.
+        self, name: str, model_path: str | Path | None = None, **options: Unpack[ModelOptions]
+    ) -> ModelHandle:
+        """Load a model under `name` and return its handle.
 
         `model_path` is a GGUF file; or give ``model="gemma-3-270m"`` (a known
-        model package), or ``backend="stub"``. Other options: ``n_ctx``,
-        ``n_batch``, ``n_seq_max``, ``n_threads``, ``tier``, ``policy`` (save
-        policy overrides), ``deterministic``, ``restart`` (``intensity``,
-        ``period_s``), ``fingerprint`` (override the cache identity), ``stub``.
+        model package), or ``backend="stub"``. See `ModelOptions` for the rest.
 
         Raises:
             ConfigError: an invalid option (the key names it).
             ModelAlreadyLoadedError: `name` is loaded.
             ModelLoadError: the file is missing, corrupt or unsupported (nothing is left running).
         """
-        raw: dict[str, Any] = {"name": name, **options}
+        raw: dict[str, object] = {"name": name, **options}
         if model_path is not None:
             raw["model_path"] = str(model_path)
-        if "policy" in raw and raw["policy"] is not None:
-            raw["policy"] = dict(raw["policy"])
+        policy = raw.get("policy")
+        if isinstance(policy, Mapping):
+            raw["policy"] = dict(policy)
         settings = parse_model(raw, f"load_model({name!r})", self.config.policy, self.config.cache)
-        info: dict[str, Any] = self._registry().load(settings).get(timeout=LOAD_TIMEOUT_S)
-        return info
+        self._registry().load(settings).get(timeout=LOAD_TIMEOUT_S)
+        return ModelHandle(self._core, name)
 
     def unload(self, name: str) -> None:
         """Save what the model has in flight (reason ``shutdown``), stop its worker, forget it."""
@@ -105,331 +125,143 @@ class Runtime:
         self._tree.models.get(name)
         self._registry().unload(name).get(timeout=LOAD_TIMEOUT_S)
 
-    def models(self) -> list[dict[str, Any]]:
+    def models(self) -> list[ModelInfo]:
         """Every loaded (or failed) model's info."""
-        return [self.model_info(name) for name in self._tree.models.names()]
+        return [self.model(name).info() for name in self._tree.models.names()]
 
-    def model_info(self, name: str) -> dict[str, Any]:
-        """A model's identity, settings, phase, queue and worker (pid, state, restarts)."""
-        entry = self._tree.models.get(name)
-        shared = entry.shared
-        info = shared.info
-        worker: dict[str, Any] = {"pid": None, "state": "down", "restarts": 0}
-        sup = self._tree.registry.whereis(sup_name(name))
-        if isinstance(sup, pykka.ActorRef):
-            with contextlib.suppress(Exception):
-                for child in which_children(sup, timeout=5.0):
-                    if child.id == "worker":
-                        worker = {
-                            "pid": child.pid,
-                            "state": child.state,
-                            "restarts": child.restarts,
-                        }
-        obs = shared.obs
-        return {
-            "name": name,
-            "status": entry.status,
-            "phase": "failed" if entry.status == "failed" else obs.phase,
-            "pending_len": obs.pending_len,
-            "active": obs.active,
-            "last_cache_hit": obs.last_cache_hit,
-            "requests_done": obs.requests_done,
-            "tokens_generated": obs.tokens_generated,
-            "backend": info.backend,
-            "path": info.path,
-            "description": info.description,
-            "quant": info.quant,
-            "fingerprint": (shared.fingerprint or info.fingerprint).hex(),
-            "n_vocab": info.n_vocab,
-            "n_ctx": info.n_ctx,
-            "n_batch": info.n_batch,
-            "n_seq_max": info.n_seq_max,
-            "n_swa": info.n_swa,
-            "chat_template": info.chat_template is not None,
-            "tier": shared.tier,
-            "deterministic": shared.deterministic,
-            "policy": dict(vars(shared.policy)),
-            "worker": worker,
-            "worker_starts": shared.worker_starts,
-            "loaded_at": shared.loaded_at,
-        }
+    def model_info(self, name: str) -> ModelInfo:
+        """A model's identity, settings, phase, queue and worker (``rt.model(name).info()``)."""
+        return self.model(name).info()
 
-    def phase(self, name: str) -> str:
-        """``idle``, ``prefilling``, ``generating``, ``restarting`` or ``failed`` (lock-free)."""
-        entry = self._tree.models.get(name)
-        return "failed" if entry.status == "failed" else entry.shared.obs.phase
+    def phase(self, name: str) -> Phase:
+        """``rt.model(name).phase()``."""
+        return self.model(name).phase()
 
     def pending_len(self, name: str) -> int:
-        """Requests waiting for a sequence (lock-free)."""
-        return self._tree.models.get(name).shared.obs.pending_len
+        """``rt.model(name).pending_len()``."""
+        return self.model(name).pending_len()
 
-    def last_cache_hit(self, name: str) -> dict[str, Any] | None:
-        """``{kind, prefix_len}`` of the last admission, or None before the first (lock-free)."""
-        return self._tree.models.get(name).shared.obs.last_cache_hit
+    def last_cache_hit(self, name: str) -> CacheHit | None:
+        """``rt.model(name).last_hit()``."""
+        return self.model(name).last_hit()
 
-    # ------------------------------------------------------------------ requests
+    # ------------------------------------------------------------------ name-first forwarders
 
-    def _actor(self, name: str) -> pykka.ActorRef[Any]:
-        self._check_running()
-        self._tree.models.live(name)
-        try:
-            ref = self._tree.registry.wait_for(actor_name(name), ACTOR_WAIT_S)
-        except NoProcError:
-            self._tree.models.live(name)  # raises ModelFailedError if it gave up meanwhile
-            raise ModelFailedError(f"model {name!r} is not running", name) from None
-        assert isinstance(ref, pykka.ActorRef)
-        return ref
-
-    def _ask(self, name: str, method: str, *args: Any) -> Any:
-        try:
-            return getattr(self._actor(name).proxy(), method)(*args).get(timeout=CALL_TIMEOUT_S)
-        except pykka.ActorDeadError:
-            raise ModelFailedError(f"model {name!r} stopped during the call", name) from None
-
-    def _prompt(self, name: str, prompt: object) -> tuple[list[int], str | None]:
-        self._check_running()
-        info = self._tree.models.live(name).shared.info
-        if isinstance(prompt, str):
-            if not prompt:
-                raise InvalidRequestError("the prompt is empty", name, param="prompt")
-            return [], prompt
-        if isinstance(prompt, list | tuple):
-            if not prompt:
-                raise InvalidRequestError("the prompt is empty", name, param="prompt")
-            for i, token in enumerate(prompt):
-                if isinstance(token, bool) or not isinstance(token, int):
-                    raise InvalidRequestError(
-                        f"prompt[{i}] is not a token id: {token!r}", name, param="prompt"
-                    )
-                if not 0 <= token < info.n_vocab:
-                    raise InvalidRequestError(
-                        f"prompt[{i}] = {token} is outside the vocabulary [0, {info.n_vocab})",
-                        name,
-                        param="prompt",
-                    )
-            return list(prompt), None
-        raise InvalidRequestError(
-            f"prompt must be text or a list of token ids, got {type(prompt).__name__}",
-            name,
-            param="prompt",
-        )
-
-    def _submit(
-        self,
-        name: str,
-        prompt: object,
-        options: Mapping[str, Any],
-        *,
-        chat: Sequence[Mapping[str, Any]] | None = None,
-        template: str | None = None,
-        prefill_only: bool = False,
-        stream: bool = False,
-        sink: RequestSink | None = None,
-    ) -> Request:
-        self._check_running()
-        opts = parse_options(options, model=name)
-        tokens: list[int] = []
-        text: str | None = None
-        if chat is not None:
-            _check_messages(name, chat)
-        else:
-            tokens, text = self._prompt(name, prompt)
-        request = Request(
-            prompt=tokens,
-            options=opts,
-            sink=sink or RequestSink(),
-            prefill_only=prefill_only,
-            stream=stream,
-        )
-        actor = self._actor(name)
-        try:
-            actor.tell(Submit(request, text=text, chat=chat, template=template))
-        except pykka.ActorDeadError:
-            raise ModelFailedError(f"model {name!r} is not running", name) from None
-        return request
-
-    def _cancel(self, name: str, request: Request) -> None:
-        # A cancelled future (asyncio cancels the future it wraps) still needs the actor told.
-        if request.sink.done and not request.sink.future.cancelled():
-            return
-        with contextlib.suppress(ErllamaError, pykka.ActorDeadError):
-            self._actor(name).tell(Cancel(request.id))
-
-    def _wait(self, name: str, request: Request) -> dict[str, Any]:
-        try:
-            while True:
-                try:
-                    return request.sink.future.result(timeout=0.5)
-                except FutureTimeoutError:
-                    self._check_running()
-        except BaseException:
-            self._cancel(name, request)
-            raise
-
-    def complete(self, name: str, prompt: str | Sequence[int], **options: Any) -> dict[str, Any]:
-        """Complete a prompt (text, or token ids used as given: no BOS added).
-
-        Options: ``max_tokens`` (default 128; None = up to the context), ``stop``,
-        ``temperature``, ``top_p``, ``top_k``, ``min_p``, ``repeat_penalty``,
-        ``seed``, ``grammar`` (GBNF), ``json_schema``, ``parent_key``.
-
-        Returns:
-            ``text``, ``tokens``, ``finish_reason`` (stop, length, cancelled),
-            ``finish_key``, ``usage`` (with ``cached_tokens``), ``cache``
-            (``kind``: exact, parent, prefix or cold, and ``prefix_len``), ``timings``.
-
-        Raises:
-            ModelNotFoundError, ModelFailedError, InvalidRequestError,
-            ContextOverflowError, WorkerCrashedError (the worker died under it).
-        """
-        return self._wait(name, self._submit(name, prompt, options))
+    def complete(
+        self, name: str, prompt: str | Sequence[int], **options: Unpack[CompletionOptions]
+    ) -> Completion:
+        """``rt.model(name).complete(prompt, ...)``."""
+        return self.model(name).complete(prompt, **options)
 
     def chat(
         self,
         name: str,
-        messages: Sequence[Mapping[str, Any]],
+        messages: Sequence[ChatMessage],
         *,
         template: str | None = None,
-        **options: Any,
-    ) -> dict[str, Any]:
-        """Complete a conversation rendered with the model's chat template (or a named one)."""
-        return self._wait(name, self._submit(name, None, options, chat=messages, template=template))
+        **options: Unpack[CompletionOptions],
+    ) -> Completion:
+        """``rt.model(name).chat(messages, ...)``."""
+        return self.model(name).chat(messages, template=template, **options)
 
     def prefill(
         self, name: str, prompt: str | Sequence[int], parent_key: str | bytes | None = None
-    ) -> dict[str, Any]:
-        """Warm the cache with a prompt without sampling; returns its ``finish_key``."""
-        options: dict[str, Any] = {} if parent_key is None else {"parent_key": parent_key}
-        return self._wait(name, self._submit(name, prompt, options, prefill_only=True))
+    ) -> Completion:
+        """``rt.model(name).prefill(prompt, ...)``."""
+        return self.model(name).prefill(prompt, parent_key=parent_key)
 
-    def stream(self, name: str, prompt: str | Sequence[int], **options: Any) -> EventStream:
-        """Stream a completion: ``delta`` events (whole UTF-8 characters), then one ``done``.
-
-        Closing the iterator cancels the request (its sequence and pins are freed).
-        """
-        request = self._submit(name, prompt, options, stream=True)
-        return self._events(name, request)
+    def stream(
+        self, name: str, prompt: str | Sequence[int], **options: Unpack[CompletionOptions]
+    ) -> EventStream:
+        """``rt.model(name).stream(prompt, ...)``."""
+        return self.model(name).stream(prompt, **options)
 
     def chat_stream(
         self,
         name: str,
-        messages: Sequence[Mapping[str, Any]],
+        messages: Sequence[ChatMessage],
         *,
         template: str | None = None,
-        **options: Any,
+        **options: Unpack[CompletionOptions],
     ) -> EventStream:
-        """`stream` for a conversation."""
-        request = self._submit(name, None, options, chat=messages, template=template, stream=True)
-        return self._events(name, request)
-
-    def _events(self, name: str, request: Request) -> EventStream:
-        return EventStream(self, name, request)
-
-    # ------------------------------------------------------------------ asyncio
+        """``rt.model(name).chat_stream(messages, ...)``."""
+        return self.model(name).chat_stream(messages, template=template, **options)
 
     async def acomplete(
-        self, name: str, prompt: str | Sequence[int], **options: Any
-    ) -> dict[str, Any]:
-        """`complete` for asyncio: the event loop is never blocked."""
-        request = self._submit(name, prompt, options)
-        return await self._await(name, request)
+        self, name: str, prompt: str | Sequence[int], **options: Unpack[CompletionOptions]
+    ) -> Completion:
+        """``await rt.model(name).acomplete(prompt, ...)``."""
+        return await self.model(name).acomplete(prompt, **options)
 
     async def achat(
         self,
         name: str,
-        messages: Sequence[Mapping[str, Any]],
+        messages: Sequence[ChatMessage],
         *,
         template: str | None = None,
-        **options: Any,
-    ) -> dict[str, Any]:
-        """`chat` for asyncio."""
-        request = self._submit(name, None, options, chat=messages, template=template)
-        return await self._await(name, request)
+        **options: Unpack[CompletionOptions],
+    ) -> Completion:
+        """``await rt.model(name).achat(messages, ...)``."""
+        return await self.model(name).achat(messages, template=template, **options)
 
-    async def _await(self, name: str, request: Request) -> dict[str, Any]:
-        try:
-            return await asyncio.wrap_future(request.sink.future)
-        except asyncio.CancelledError:
-            self._cancel(name, request)
-            raise
+    def astream(
+        self, name: str, prompt: str | Sequence[int], **options: Unpack[CompletionOptions]
+    ) -> AsyncEventStream:
+        """``rt.model(name).astream(prompt, ...)``."""
+        return self.model(name).astream(prompt, **options)
 
-    async def astream(
-        self, name: str, prompt: str | Sequence[int], **options: Any
-    ) -> AsyncIterator[dict[str, Any]]:
-        """`stream` for asyncio; leaving the loop early cancels the request."""
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[Event] = asyncio.Queue()
-
-        def notify(event: Event) -> None:
-            loop.call_soon_threadsafe(queue.put_nowait, event)
-
-        sink = RequestSink(notify)
-        request = self._submit(name, prompt, options, stream=True, sink=sink)
-        try:
-            while True:
-                event = await queue.get()
-                if event.type == "error":
-                    assert event.error is not None
-                    raise event.error
-                yield event.to_dict()
-                if event.type == "done":
-                    return
-        finally:
-            self._cancel(name, request)
-
-    # ------------------------------------------------------------------ tokens
+    def achat_stream(
+        self,
+        name: str,
+        messages: Sequence[ChatMessage],
+        *,
+        template: str | None = None,
+        **options: Unpack[CompletionOptions],
+    ) -> AsyncEventStream:
+        """``rt.model(name).achat_stream(messages, ...)``."""
+        return self.model(name).achat_stream(messages, template=template, **options)
 
     def tokenize(self, name: str, text: str, add_special: bool = True) -> list[int]:
-        """Token ids of `text` (with BOS when the model wants one and `add_special`)."""
-        if not isinstance(text, str):
-            raise InvalidRequestError("text must be a string", name, param="text")
-        result: list[int] = self._ask(name, "tokenize", text, add_special)
-        return result
+        """``rt.model(name).tokenize(text)``."""
+        return self.model(name).tokenize(text, add_special)
 
     def detokenize(self, name: str, tokens: Sequence[int]) -> str:
-        """Text of token ids (invalid UTF-8 is replaced)."""
-        checked, _ = self._prompt(name, list(tokens)) if tokens else ([], None)
-        data: bytes = self._ask(name, "detokenize", checked)
-        return data.decode("utf-8", errors="replace")
+        """``rt.model(name).detokenize(tokens)``."""
+        return self.model(name).detokenize(tokens)
 
     def embed(self, name: str, inputs: str | Sequence[str]) -> list[list[float]]:
-        """One embedding per input text."""
-        texts = [inputs] if isinstance(inputs, str) else list(inputs)
-        if not texts or not all(isinstance(t, str) and t for t in texts):
-            raise InvalidRequestError("inputs must be non-empty strings", name, param="inputs")
-        out: list[list[float]] = []
-        for text in texts:
-            tokens: list[int] = self._ask(name, "tokenize", text, True)
-            out.append(self._ask(name, "embed", tokens))
-        return out
+        """``rt.model(name).embed(inputs)``."""
+        return self.model(name).embed(inputs)
 
     def evict(self, name: str) -> int:
-        """Save the state of every request in flight (reason ``evict``); returns how many."""
-        fired: int = self._ask(name, "evict")
-        return fired
+        """``rt.model(name).evict()``."""
+        return self.model(name).evict()
 
     # ------------------------------------------------------------------ inspection
 
-    def counters(self) -> dict[str, Any]:
-        """Every cache counter and per-tier statistics."""
-        return self.cache.counters().to_dict()
+    def counters(self) -> CounterSnapshot:
+        """Every cache counter and per-tier statistics (no mailbox)."""
+        return self.cache.counters()
 
-    def cache_rows(self) -> list[dict[str, Any]]:
+    def cache_rows(self) -> list[RowInfo]:
         """Every cache row (and save in flight)."""
-        return [row.to_dict() for row in self.cache.rows()]
+        return self.cache.rows()
 
-    def tree(self) -> dict[str, Any]:
+    def tree(self) -> TreeNode:
         """A JSON-serialisable snapshot of the whole supervision tree."""
         self._check_running()
-        snapshot: dict[str, Any] = dict(tree(self._tree.root))
-        return snapshot
+        return tree(self._tree.root)
 
     @property
-    def registry(self) -> Any:
+    def registry(self) -> Registry:
         """The tree's name registry (for the REPL and tests)."""
         return self._tree.registry
 
     # ------------------------------------------------------------------ lifecycle
+
+    @property
+    def stopped(self) -> bool:
+        return self._stopped
 
     def _check_running(self) -> None:
         if self._stopped:
@@ -447,7 +279,11 @@ class Runtime:
         root = self._tree.root
         if root.is_alive():
             root.stop(block=True, timeout=timeout)
-        self.cache.shared.stopped = True
+        self.cache.mark_stopped()
+
+    async def astop(self, timeout: float = 60.0) -> None:
+        """`stop` for asyncio."""
+        await asyncio.to_thread(self.stop, timeout)
 
     def __enter__(self) -> Runtime:
         return self
@@ -455,72 +291,8 @@ class Runtime:
     def __exit__(self, *_exc: object) -> None:
         self.stop()
 
-
-class EventStream(Iterator[dict[str, Any]]):
-    """The events of a streamed request: ``delta`` events, then one ``done``.
-
-    Closing it (``close()``, leaving a ``with`` block, or dropping the last
-    reference) cancels the request, also before the first event was read.
-    """
-
-    def __init__(self, runtime: Runtime, name: str, request: Request) -> None:
-        self._runtime = runtime
-        self._name = name
-        self._request = request
-        self._finished = False
-
-    def __iter__(self) -> EventStream:
+    async def __aenter__(self) -> Runtime:
         return self
 
-    def __next__(self) -> dict[str, Any]:
-        if self._finished:
-            raise StopIteration
-        try:
-            while True:
-                try:
-                    event = self._request.sink.events.get(timeout=0.5)
-                except queue.Empty:
-                    self._runtime._check_running()
-                    continue
-                if event.type == "error":
-                    assert event.error is not None
-                    raise event.error
-                if event.type == "done":
-                    self._finished = True
-                return event.to_dict()
-        except BaseException:
-            self.close()
-            raise
-
-    def close(self) -> None:
-        """Cancel the request if it is still running (idempotent)."""
-        self._finished = True
-        self._runtime._cancel(self._name, self._request)
-
-    def __enter__(self) -> EventStream:
-        return self
-
-    def __exit__(self, *_exc: object) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        if not self._finished:
-            with contextlib.suppress(Exception):
-                self.close()
-
-
-def _check_messages(name: str, messages: object) -> None:
-    if not isinstance(messages, list | tuple) or not messages:
-        raise InvalidRequestError("messages must be a non-empty list", name, param="messages")
-    for i, message in enumerate(messages):
-        if not isinstance(message, Mapping):
-            raise InvalidRequestError(f"messages[{i}] must be an object", name, param="messages")
-        role, content = message.get("role"), message.get("content")
-        if not isinstance(role, str) or not role:
-            raise InvalidRequestError(
-                f"messages[{i}].role must be a string", name, param="messages"
-            )
-        if not isinstance(content, str):
-            raise InvalidRequestError(
-                f"messages[{i}].content must be a string", name, param="messages"
-            )
+    async def __aexit__(self, *_exc: object) -> None:
+        await self.astop()

@@ -24,12 +24,12 @@ from erllama_py.cache.handle import SaveTicket as SaveTicket
 from erllama_py.cache.key import Namespace as Namespace
 from erllama_py.cache.key import ctx_params_hash as ctx_params_hash
 from erllama_py.cache.key import key_hex as key_hex
+from erllama_py.cache.publish import SaveResult as SaveResult
 from erllama_py.cache.rows import Claim as Claim
 from erllama_py.cache.rows import PrefixHit as PrefixHit
 from erllama_py.cache.rows import RowInfo as RowInfo
-from erllama_py.cache.shared import CacheShared
-from erllama_py.cache.sup import start_cache_sup
-from erllama_py.cache.writer import SaveResult as SaveResult
+from erllama_py.cache.state import CacheState
+from erllama_py.cache.tree import start_cache_sup
 from erllama_py.config import CacheSettings, Config, load_config
 from supervisors import Registry
 
@@ -65,7 +65,7 @@ def start(config: CacheSettings | Config | Mapping[str, Any] | None = None) -> C
         settings = config.cache
     else:
         settings = load_config({"cache": dict(config or {})}).cache
-    shared = CacheShared(settings=settings, registry=Registry())
+    shared = CacheState(settings=settings, registry=Registry())
     sup = start_cache_sup(shared)
     shared.index()
     return CacheHandle(shared, sup)

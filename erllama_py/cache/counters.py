@@ -17,6 +17,8 @@ import threading
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+from erllama_py.kinds import TierKind
+
 __all__ = ["COUNTER_NAMES", "CounterSnapshot", "Counters", "TierStats"]
 
 # The original's twenty counters, in its order, then ours.
@@ -63,7 +65,7 @@ class TierStats:
     """One tier's gauges and counters at the time of the snapshot."""
 
     name: str
-    kind: str
+    kind: TierKind
     quota_bytes: int
     bytes: int
     rows: int
@@ -111,10 +113,18 @@ class CounterSnapshot:
     load_bytes_copied: int = 0
     tiers: tuple[TierStats, ...] = field(default=())
 
+    def since(self, before: CounterSnapshot) -> CounterSnapshot:
+        """How much each counter grew since `before` (gauges and tiers are this snapshot's)."""
+        grown = {
+            name: getattr(self, name) - (0 if name in _GAUGES else getattr(before, name))
+            for name in COUNTER_NAMES
+        }
+        return CounterSnapshot(**grown, tiers=self.tiers)
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-serialisable form: counter name -> value, and ``tiers`` as a list of dicts."""
         out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "tiers"}
-        out["tiers"] = [asdict(t) for t in self.tiers]
+        out["tiers"] = [{**asdict(t), "kind": str(t.kind)} for t in self.tiers]
         return out
 
 

@@ -168,7 +168,7 @@ class FileStore:
             namespace=header.namespace,
             tokens=header.token_bytes,
             size=header.file_size,
-            reason=header.reason.name.lower(),
+            reason=header.reason,
             created_ns=header.created,
             path=path,
             checksum=header.payload_checksum,

@@ -20,12 +20,13 @@ from erllama_py.cache import kvc
 from erllama_py.cache.counters import CounterSnapshot, TierStats
 from erllama_py.cache.key import Namespace, TokenInput, encode_tokens, make_key_encoded, prefix_keys
 from erllama_py.cache.meta_client import MetaClient
+from erllama_py.cache.publish import SaveJob, SaveResult, run_save
 from erllama_py.cache.ramstore import RamEntry, payload_checksum
 from erllama_py.cache.rows import Claim, PrefixHit, RowInfo
-from erllama_py.cache.shared import CacheShared
-from erllama_py.cache.writer import SaveJob, SaveResult, run_save
-from erllama_py.cache.writers import submit_reserved
+from erllama_py.cache.state import CacheState
+from erllama_py.cache.writer_pool import submit_reserved
 from erllama_py.errors import CacheError, CacheFormatError, RuntimeStoppedError
+from erllama_py.kinds import SaveReason, TierKind
 
 __all__ = ["CacheHandle", "SaveTicket"]
 
@@ -48,7 +49,7 @@ class SaveTicket:
 class CacheHandle:
     """A running cache. Create it with `erllama_py.cache.start` (or the runtime does)."""
 
-    def __init__(self, shared: CacheShared, sup: pykka.ActorRef[Any] | None = None) -> None:
+    def __init__(self, shared: CacheState, sup: pykka.ActorRef[Any] | None = None) -> None:
         self.shared = shared
         self._sup = sup
         self._meta = MetaClient(shared)
@@ -62,7 +63,7 @@ class CacheHandle:
         payload: Any,
         *,
         tier: str | None = None,
-        reason: str = "finish",
+        reason: SaveReason | str = SaveReason.FINISH,
         owns_payload: bool = False,
         extra: dict[str, Any] | None = None,
     ) -> SaveTicket:
@@ -84,15 +85,15 @@ class CacheHandle:
             namespace=namespace,
             tokens=token_bytes,
             payload=payload,
-            reason=reason,
+            reason=kvc.save_reason(reason),
             tier=tier_name,
             owns_payload=owns_payload,
             extra=extra,
         )
-        if index.tier_settings(tier_name).kind == "ram":
-            # Refuse what a file tier would refuse (an unknown reason, a reserved extra key),
-            # so that every RAM row can later be demoted to a file tier.
-            kvc.build_prefix_encoded(namespace, b"", b"", reason, extra=extra)
+        if index.tier_settings(tier_name).kind is TierKind.RAM:
+            # Refuse what a file tier would refuse (a reserved extra key), so that every
+            # RAM row can later be demoted to a file tier.
+            kvc.build_prefix_encoded(namespace, b"", b"", job.reason, extra=extra)
             key = self._save_ram(job)
         else:
             key = submit_reserved(self.shared, job)
@@ -105,7 +106,7 @@ class CacheHandle:
         payload: Any,
         *,
         tier: str | None = None,
-        reason: str = "finish",
+        reason: SaveReason | str = SaveReason.FINISH,
         owns_payload: bool = False,
         extra: dict[str, Any] | None = None,
         timeout: float | None = 60.0,
@@ -133,7 +134,7 @@ class CacheHandle:
         try:
             result = run_save(
                 job,
-                meta=self._meta,
+                meta=self._meta.ask,
                 stores=self.shared.files,
                 counters=self.shared.counters,
                 writer="caller",
@@ -159,6 +160,10 @@ class CacheHandle:
         """The row with this key, if available (no mailbox)."""
         return self.shared.index().lookup_exact(key)
 
+    def pending(self, key: bytes) -> bool:
+        """Whether a save of this key is in flight (reads the index; no mailbox)."""
+        return self.shared.index().pending(key)
+
     def lookup_exact_or_wait(self, key: bytes, timeout_s: float) -> RowInfo | None:
         """The row with this key, waiting up to `timeout_s` for a save of it in flight.
 
@@ -170,7 +175,7 @@ class CacheHandle:
         if info is not None or timeout_s <= 0:
             return info
         future: Future[RowInfo | None] = Future()
-        self._meta.call("wait_for_key", key, future)
+        self._meta.ask.wait_for_key(key, future)
         try:
             return future.result(timeout_s)
         except TimeoutError:
@@ -239,8 +244,7 @@ class CacheHandle:
 
     def claim(self, key: bytes, tier: str | None = None) -> Claim | None:
         """Pin a row (its fastest copy, or the one in `tier`) until `checkin` (mailbox)."""
-        claim: Claim | None = self._meta.call("claim", key, tier)
-        return claim
+        return self._meta.ask.claim(key, tier)
 
     def load(
         self, claim: Claim, allocate: Allocator | None = None, *, promote: bool | None = None
@@ -271,7 +275,7 @@ class CacheHandle:
                 self.shared.counters.incr("load_misses")
                 return None
             except FileNotFoundError:
-                self._meta.tell("remove_corrupt", claim.key, claim.tier, "missing")
+                self._meta.tell.remove_corrupt(claim.key, claim.tier, "missing")
                 self.shared.counters.incr("load_misses")
                 return None
             self.count_load(payload.nbytes, copied=payload.nbytes)  # file -> one buffer
@@ -290,7 +294,7 @@ class CacheHandle:
             return None
         view = entry.view()
         if claim.checksum is not None and payload_checksum(view) != claim.checksum:
-            self._meta.tell("remove_corrupt", claim.key, claim.tier, "checksum_mismatch")
+            self._meta.tell.remove_corrupt(claim.key, claim.tier, "checksum_mismatch")
             self.shared.counters.incr("load_misses")
             return None
         if allocate is None:
@@ -320,11 +324,11 @@ class CacheHandle:
 
     def drop(self, claim: Claim, reason: str) -> None:
         """Remove a claimed row that turned out unusable (mailbox, without waiting)."""
-        self._meta.tell("remove_corrupt", claim.key, claim.tier, reason)
+        self._meta.tell.remove_corrupt(claim.key, claim.tier, reason)
 
     def checkin(self, claim: Claim) -> None:
         """Release a claim's pin (mailbox, without waiting)."""
-        self._meta.tell("checkin", claim.holder)
+        self._meta.tell.checkin(claim.holder)
 
     def promote(self, claim: Claim, payload: Any, *, owns_payload: bool = False) -> bool:
         """Copy a slower tier's hit into RAM, by reference (mailbox, without waiting).
@@ -351,7 +355,7 @@ class CacheHandle:
             if owns_payload or isinstance(payload, bytes | bytearray)
             else bytes(view),
         )
-        self._meta.tell("promote", entry, ram)
+        self._meta.tell.promote(entry, ram)
         return True
 
     def fetch(self, key: bytes) -> bytes | None:
@@ -395,6 +399,14 @@ class CacheHandle:
             )
         return self.shared.counters.snapshot(stats)
 
+    def count(self, counter: str, amount: int = 1) -> None:
+        """Add to one of the cache's counters (a model's hits and misses; no mailbox).
+
+        Raises:
+            KeyError: no such counter (`erllama_py.cache.counters.COUNTER_NAMES`).
+        """
+        self.shared.counters.incr(counter, amount)
+
     def reset_counters(self) -> None:
         """Zero every counter but the byte gauges."""
         self.shared.counters.reset()
@@ -403,22 +415,20 @@ class CacheHandle:
 
     def gc(self) -> int:
         """Evict every unpinned row of every tier; returns how many."""
-        return int(self._meta.call("gc"))
+        return self._meta.ask.gc()
 
     def evict_bytes(self, target: int, tiers: Sequence[str] | None = None) -> tuple[int, int]:
         """Evict least recently used unpinned rows (demoting RAM rows when configured)
         until `target` bytes are freed; returns (rows, bytes)."""
-        rows, freed = self._meta.call("evict_bytes", target, None if tiers is None else list(tiers))
-        return int(rows), int(freed)
+        return self._meta.ask.evict_bytes(target, None if tiers is None else list(tiers))
 
     def sweep(self) -> int:
         """Clean stale reservations now; returns how many files were adopted."""
-        return int(self._meta.call("sweep"))
+        return self._meta.ask.sweep()
 
     def check(self) -> list[str]:
         """Cross-examine index and tiers; one line per problem (empty = sound)."""
-        problems: list[str] = self._meta.call("check")
-        return problems
+        return self._meta.ask.check()
 
     def wait_idle(self, timeout: float = 30.0) -> None:
         """Wait until no save is in flight (writers drained)."""
@@ -430,6 +440,11 @@ class CacheHandle:
         raise TimeoutError("saves still in flight")
 
     # ------------------------------------------------------------------ lifecycle
+
+    def mark_stopped(self) -> None:
+        """The tree this cache ran in has stopped: every later call raises
+        `RuntimeStoppedError`."""
+        self.shared.stopped = True
 
     def stop(self, timeout: float = 30.0) -> None:
         """Stop the cache's actors (waiting for saves in flight), if this handle started them."""

@@ -38,6 +38,7 @@ from erllama_py.errors import (
     TierFullError,
     UnknownTierError,
 )
+from erllama_py.kinds import SaveReason
 
 __all__ = ["CacheIndex"]
 
@@ -235,7 +236,7 @@ class CacheIndex:
         namespace: Namespace,
         tokens: bytes,
         size: int,
-        reason: str,
+        reason: SaveReason,
         writer: str,
     ) -> tuple[Reservation, list[Action]]:
         """Reserve the right to publish (key, tier) and `size` bytes of the tier's quota.

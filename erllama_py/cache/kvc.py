@@ -60,7 +60,6 @@ import struct
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from enum import IntEnum
 from functools import cached_property
 from types import MappingProxyType
 from typing import Any, NamedTuple, TypeAlias
@@ -77,6 +76,7 @@ from erllama_py.cache.key import (
     make_key_encoded,
 )
 from erllama_py.errors import CacheFormatError, InvalidTokensError
+from erllama_py.kinds import SaveReason
 
 __all__ = [
     "MAGIC",
@@ -85,6 +85,8 @@ __all__ = [
     "HIT_COUNT_OFFSET",
     "MAX_META_LEN",
     "FILE_SUFFIX",
+    "REASON_BYTES",
+    "save_reason",
     "SaveReason",
     "RowHeader",
     "Allocator",
@@ -114,14 +116,15 @@ Allocator: TypeAlias = Callable[[int], memoryview]
 """``allocate(n)`` returns a writable buffer of at least ``n`` bytes."""
 
 
-class SaveReason(IntEnum):
-    """Why a row was saved; stored as one byte at offset 6."""
-
-    COLD = 1
-    CONTINUED = 2
-    FINISH = 3
-    EVICT = 4
-    SHUTDOWN = 5
+REASON_BYTES: Mapping[SaveReason, int] = {
+    SaveReason.COLD: 1,
+    SaveReason.CONTINUED: 2,
+    SaveReason.FINISH: 3,
+    SaveReason.EVICT: 4,
+    SaveReason.SHUTDOWN: 5,
+}
+"""The byte at offset 6 for each save reason (stable: part of the format)."""
+_REASON_OF_BYTE = {byte: reason for reason, byte in REASON_BYTES.items()}
 
 
 @dataclass(frozen=True, repr=False)
@@ -149,7 +152,7 @@ class RowHeader:
 
     def __repr__(self) -> str:  # token lists run to 100 kB: show sizes, not bytes
         return (
-            f"RowHeader(key={self.key.hex()}, reason={self.reason.name.lower()}, "
+            f"RowHeader(key={self.key.hex()}, reason={self.reason.value}, "
             f"n_tokens={self.n_tokens}, payload_len={self.payload_len}, "
             f"namespace={self.namespace.id}, hit_count={self.hit_count}, created={self.created})"
         )
@@ -211,13 +214,18 @@ def _flat(data: Any, what: str) -> memoryview:
 # ---------------------------------------------------------------- writing
 
 
-def _coerce_reason(reason: SaveReason | str) -> SaveReason:
+def save_reason(reason: SaveReason | str) -> SaveReason:
+    """A save reason from its name.
+
+    Raises:
+        ValueError: no such reason.
+    """
     if isinstance(reason, SaveReason):
         return reason
     try:
-        return SaveReason[str(reason).upper()]
-    except KeyError:
-        names = ", ".join(r.name.lower() for r in SaveReason)
+        return SaveReason(reason)
+    except ValueError:
+        names = ", ".join(r.value for r in SaveReason)
         raise ValueError(f"reason: must be one of {names}, got {reason!r}") from None
 
 
@@ -299,7 +307,7 @@ def build_prefix_encoded(
     tokens_view = _flat(token_bytes, "token_bytes")
     if tokens_view.nbytes % 4 or tokens_view.nbytes // 4 > _U32_MAX:
         raise InvalidTokensError(f"encoded tokens: bad length {tokens_view.nbytes} bytes")
-    save_reason = _coerce_reason(reason)
+    reason_value = save_reason(reason)
     created_ns = time.time_ns() if created is None else created
     if not 0 <= created_ns < 2**64:
         raise ValueError(f"created: must fit in u64 nanoseconds, got {created_ns}")
@@ -307,7 +315,8 @@ def build_prefix_encoded(
     meta = _pack_meta(ns, extra)
     key = make_key_encoded(ns, tokens_view)
     fields: list[Any] = [
-        MAGIC, FORMAT_VERSION, save_reason, 0, 0, tokens_view.nbytes // 4, len(meta), 0,
+        MAGIC, FORMAT_VERSION, REASON_BYTES[reason_value], 0, 0, tokens_view.nbytes // 4,
+        len(meta), 0,
         body.nbytes, created_ns, key, xxhash.xxh3_64_intdigest(body), 0,
     ]  # fmt: skip
     fields[-1] = _prefix_checksum(_HEADER.pack(*fields), tokens_view, meta)
@@ -332,10 +341,9 @@ def _parse_fixed(head: memoryview, file_size: int | None, path: str | None) -> _
         raise _fail("bad_header", f"flags {flags} and reserved {reserved} must be 0", path)
     if meta_len > MAX_META_LEN:
         raise _fail("bad_header", f"meta_len {meta_len} over {MAX_META_LEN}", path)
-    try:
-        reason = SaveReason(reason_byte)
-    except ValueError:
-        raise _fail("unknown_save_reason", f"byte {reason_byte}", path) from None
+    reason = _REASON_OF_BYTE.get(reason_byte)
+    if reason is None:
+        raise _fail("unknown_save_reason", f"byte {reason_byte}", path)
     fixed = _Fixed(version, reason, flags, raw[4], raw[5], meta_len, *raw[8:13])
     if file_size is not None and file_size != fixed.file_size:
         tag = "truncated" if file_size < fixed.file_size else "trailing_bytes"

@@ -26,12 +26,13 @@ import pykka
 from erllama_py.cache.actions import Action, Adopt, Demote, Drop, PersistHits, RemoveTemp
 from erllama_py.cache.index import CacheIndex
 from erllama_py.cache.key import Namespace, key_hex
+from erllama_py.cache.publish import SaveJob
 from erllama_py.cache.ramstore import RamEntry
 from erllama_py.cache.rows import Claim, Row, RowInfo
-from erllama_py.cache.shared import CacheShared, tier_actor_name
-from erllama_py.cache.writer import SaveJob
-from erllama_py.cache.writers import submit_unreserved
+from erllama_py.cache.state import CacheState, tier_actor_name
+from erllama_py.cache.writer_pool import submit_unreserved
 from erllama_py.errors import CacheError, CacheFormatError, ReservationError
+from erllama_py.kinds import SaveReason, TierKind
 from supervisors import SupervisedActor
 
 __all__ = ["MetaActor"]
@@ -46,7 +47,7 @@ class _Sweep:
 class MetaActor(SupervisedActor):
     """Owns the index; see the module docstring."""
 
-    def __init__(self, shared: CacheShared) -> None:
+    def __init__(self, shared: CacheState) -> None:
         super().__init__()
         self.shared = shared
         self.index: CacheIndex | None = None
@@ -83,7 +84,7 @@ class MetaActor(SupervisedActor):
     def on_stop(self) -> None:
         self._cancel_sweep()
 
-    def on_failure(self, *_exc_info: Any) -> None:
+    def on_failure(self, *_exc_info: object) -> None:
         self._cancel_sweep()
 
     def on_receive(self, message: Any) -> Any:
@@ -124,7 +125,7 @@ class MetaActor(SupervisedActor):
         namespace: Namespace,
         tokens: bytes,
         size: int,
-        reason: str,
+        reason: SaveReason,
         writer: str,
     ) -> int:
         """Reserve (key, tier); returns the reservation token (see `CacheIndex.reserve`)."""
@@ -200,10 +201,6 @@ class MetaActor(SupervisedActor):
             actions = self._index.writer_down(writer)
         self._run(actions)
         self._update_gauges()
-
-    def tier_kind(self, tier: str) -> str:
-        index = self._index
-        return index.tier_settings(index.resolve_tier(tier)).kind
 
     # ------------------------------------------------------------------ RAM tier
 
@@ -435,7 +432,7 @@ class MetaActor(SupervisedActor):
         return Row(
             key=entry.key,
             tier=tier,
-            kind="ram",
+            kind=TierKind.RAM,
             namespace=entry.namespace,
             tokens=entry.tokens,
             size=entry.size,

@@ -1,39 +1,81 @@
-"""Calling the meta actor by name, so a restart never leaves a caller with a stale ref."""
+"""Calling the meta actor by name, typed by the actor's own methods.
+
+The meta actor's API is declared once, as the methods of `MetaActor`. A
+client forwards calls to them: ``client.ask.reserve(key, tier, ...)`` waits
+for the answer, ``client.tell.checkin(holder)`` does not. Both attributes are
+typed as the actor itself, so mypy checks every call's arguments and result
+against the method it reaches; at run time each call is one Pykka
+`ProxyCall` message to whichever incarnation of the actor is registered
+under ``cache_meta``, so a restart never leaves a caller with a stale
+reference.
+"""
 
 from __future__ import annotations
 
 import contextlib
-from pathlib import Path
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any, cast
 
 import pykka
 from pykka.messages import ProxyCall
 
-from erllama_py.cache.ramstore import RamEntry
-from erllama_py.cache.rows import RowInfo
-from erllama_py.cache.shared import META_NAME, CacheShared
+from erllama_py.cache.state import META_NAME, CacheState
 from erllama_py.errors import RuntimeStoppedError
+
+if TYPE_CHECKING:
+    from erllama_py.cache.meta import MetaActor
 
 __all__ = ["ASK_TIMEOUT_S", "MetaClient", "meta_client"]
 
 ASK_TIMEOUT_S = 60.0
 
+_Send = Callable[[str, tuple[object, ...], Mapping[str, object]], object]
 
-def meta_client(shared: CacheShared) -> MetaClient:
+
+class _Forward:
+    """Turns ``forward.method(*args, **kwargs)`` into ``send("method", args, kwargs)``."""
+
+    __slots__ = ("_send",)
+
+    def __init__(self, send: _Send) -> None:
+        self._send = send
+
+    def __getattr__(self, name: str) -> Callable[..., object]:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        send = self._send
+
+        def call(*args: object, **kwargs: object) -> object:
+            return send(name, args, kwargs)
+
+        return call
+
+
+def meta_client(shared: CacheState) -> MetaClient:
     """A client for the meta actor of this cache."""
     return MetaClient(shared)
 
 
 class MetaClient:
-    """Calls the meta actor by name, so a restart never leaves a caller with a stale ref.
+    """Forwards calls to the meta actor registered under ``cache_meta`` (see the module doc).
 
-    Implements `erllama_py.cache.writer.MetaPort`. Each call is one message,
-    answered within `timeout` seconds.
+    Each call is one message, answered within `timeout` seconds; an ``ask``
+    is retried once across a restart of the actor.
     """
 
-    def __init__(self, shared: CacheShared, timeout: float = ASK_TIMEOUT_S) -> None:
+    def __init__(self, shared: CacheState, timeout: float = ASK_TIMEOUT_S) -> None:
         self.shared = shared
         self.timeout = timeout
+
+    @property
+    def ask(self) -> MetaActor:
+        """The actor's methods, called and waited for."""
+        return cast("MetaActor", _Forward(self._ask))
+
+    @property
+    def tell(self) -> MetaActor:
+        """The actor's methods, called without waiting (their results are dropped)."""
+        return cast("MetaActor", _Forward(self._tell))
 
     def _ref(self) -> pykka.ActorRef[Any]:
         if self.shared.stopped:
@@ -47,52 +89,22 @@ class MetaClient:
         assert isinstance(ref, pykka.ActorRef)
         return ref
 
-    def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
-        """Call a meta actor method and wait for its answer (one retry across a restart).
-
-        Sends Pykka's proxy-call message directly: building a proxy per call
-        costs more than the call itself.
-        """
-        message = ProxyCall(attr_path=(method,), args=args, kwargs=kwargs)
+    def _ask(self, method: str, args: tuple[object, ...], kwargs: Mapping[str, object]) -> object:
+        # Pykka's proxy-call message, sent directly: a proxy per call costs more than the call.
+        message = ProxyCall(attr_path=(method,), args=args, kwargs=dict(kwargs))
         for attempt in (1, 2):
             try:
                 return self._ref().ask(message, block=True, timeout=self.timeout)
             except pykka.ActorDeadError:
                 if attempt == 2:
                     raise RuntimeStoppedError("the cache's meta actor stopped") from None
+            except pykka.Timeout:
+                raise RuntimeStoppedError(
+                    f"the cache's meta actor did not answer {method} in {self.timeout:g} s"
+                ) from None
         raise AssertionError("unreachable")
 
-    def tell(self, method: str, *args: Any, **kwargs: Any) -> None:
-        """Call without waiting for the answer (fire and forget)."""
+    def _tell(self, method: str, args: tuple[object, ...], kwargs: Mapping[str, object]) -> None:
+        message = ProxyCall(attr_path=(method,), args=args, kwargs=dict(kwargs))
         with contextlib.suppress(pykka.ActorDeadError, RuntimeStoppedError):
-            self._ref().tell(ProxyCall(attr_path=(method,), args=args, kwargs=kwargs))
-
-    def reserve(self, key: bytes, tier: str, **kwargs: Any) -> int:
-        return int(self.call("reserve", key, tier, **kwargs))
-
-    def set_temp_path(self, key: bytes, tier: str, token: int, path: Path) -> None:
-        self.call("set_temp_path", key, tier, token, path)
-
-    def check_reservation(self, key: bytes, tier: str, token: int) -> None:
-        self.call("check_reservation", key, tier, token)
-
-    def mark_published(self, key: bytes, tier: str, token: int, path: Path) -> None:
-        self.call("mark_published", key, tier, token, path)
-
-    def announce(self, key: bytes, tier: str, token: int, **kwargs: Any) -> RowInfo:
-        info: RowInfo = self.call("announce", key, tier, token, **kwargs)
-        return info
-
-    def cancel(self, key: bytes, tier: str, token: int) -> None:
-        self.call("cancel", key, tier, token)
-
-    def adopt_file(self, tier: str, key: bytes, path: Path) -> RowInfo | None:
-        info: RowInfo | None = self.call("adopt_file", tier, key, path)
-        return info
-
-    def store_ram(self, entry: RamEntry, tier: str) -> RowInfo:
-        info: RowInfo = self.call("store_ram", entry, tier)
-        return info
-
-    def tier_kind(self, tier: str) -> str:
-        return self.shared.index().tier_settings(self.shared.index().resolve_tier(tier)).kind
+            self._ref().tell(message)

@@ -20,6 +20,7 @@ from typing import Any
 import xxhash
 
 from erllama_py.cache.key import Namespace
+from erllama_py.kinds import SaveReason
 
 __all__ = ["RamEntry", "RamStore", "payload_checksum", "release_payload"]
 
@@ -50,7 +51,7 @@ class RamEntry:
     key: bytes
     namespace: Namespace
     tokens: bytes
-    reason: str
+    reason: SaveReason
     created_ns: int
     checksum: int
     size: int

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Literal
 
 from erllama_py.cache.key import Namespace, key_hex
+from erllama_py.kinds import SaveReason, TierKind
 
 __all__ = ["Claim", "PrefixHit", "Reservation", "Row", "RowInfo", "Stage"]
 
@@ -19,11 +20,11 @@ class Row:
 
     key: bytes
     tier: str
-    kind: str
+    kind: TierKind
     namespace: Namespace
     tokens: bytes
     size: int
-    reason: str
+    reason: SaveReason
     created_ns: int
     path: Path | None = None
     checksum: int | None = None
@@ -48,7 +49,7 @@ class Reservation:
     size: int
     namespace: Namespace
     tokens: bytes
-    reason: str
+    reason: SaveReason
     expires: float
     stage: Stage = "pre_link"
     path: Path | None = None
@@ -61,13 +62,13 @@ class RowInfo:
 
     key: bytes
     tier: str
-    kind: str
+    kind: TierKind
     n_tokens: int
     size: int
     hits: int
     refcount: int
     status: Literal["available", "writing"]
-    reason: str
+    reason: SaveReason
     created_ns: int
     path: Path | None
 
@@ -80,13 +81,13 @@ class RowInfo:
         return {
             "key": self.key_hex,
             "tier": self.tier,
-            "kind": self.kind,
+            "kind": str(self.kind),
             "tokens": self.n_tokens,
             "bytes": self.size,
             "hits": self.hits,
             "refcount": self.refcount,
             "status": self.status,
-            "reason": self.reason,
+            "reason": str(self.reason),
             "created_ns": self.created_ns,
             "path": str(self.path) if self.path else None,
         }
@@ -99,11 +100,11 @@ class Claim:
     holder: int
     key: bytes
     tier: str
-    kind: str
+    kind: TierKind
     namespace: Namespace
     tokens: bytes
     size: int
-    reason: str
+    reason: SaveReason
     path: Path | None
     checksum: int | None
 

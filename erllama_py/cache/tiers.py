@@ -12,7 +12,7 @@ from typing import Any
 
 from erllama_py.cache.actions import PersistHits
 from erllama_py.cache.filestore import FileStore
-from erllama_py.cache.shared import CacheShared
+from erllama_py.cache.state import CacheState
 from supervisors import SupervisedActor
 
 __all__ = ["FileTierActor", "RamTierActor"]
@@ -21,7 +21,7 @@ __all__ = ["FileTierActor", "RamTierActor"]
 class FileTierActor(SupervisedActor):
     """One ``ram_file`` or ``disk`` root."""
 
-    def __init__(self, shared: CacheShared, store: FileStore) -> None:
+    def __init__(self, shared: CacheState, store: FileStore) -> None:
         super().__init__()
         self.shared = shared
         self.store = store
@@ -39,9 +39,9 @@ class FileTierActor(SupervisedActor):
 
 
 class RamTierActor(SupervisedActor):
-    """The RAM tier (its entries live in `CacheShared.ram`, which survives restarts)."""
+    """The RAM tier (its entries live in `CacheState.ram`, which survives restarts)."""
 
-    def __init__(self, shared: CacheShared) -> None:
+    def __init__(self, shared: CacheState) -> None:
         super().__init__()
         self.shared = shared
 

@@ -20,9 +20,9 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Generic, TypeVar
 
 import pykka
 
@@ -33,18 +33,23 @@ from erllama_py.errors import (
     InvalidRequestError,
     ModelError,
     ModelFailedError,
+    RequestTimeoutError,
     RuntimeStoppedError,
     WorkerCrashedError,
 )
+from erllama_py.kinds import FinishReason, HitKind, Phase, SaveReason
 from erllama_py.model.backend import validate_tokens
-from erllama_py.model.cachepath import CachePath, Deferred
 from erllama_py.model.client import WorkerClient
 from erllama_py.model.planner import Planned, plan_tick
-from erllama_py.model.request import Request
-from erllama_py.model.shared import ModelShared, worker_name
+from erllama_py.model.prompt_cache import Deferred, PromptCache
+from erllama_py.model.protocol import Prefill, SamplerSpec, TokenOut
+from erllama_py.model.request import ChatPrompt, Request, RequestState, TextPrompt, TokenPrompt
+from erllama_py.model.state import ModelState, worker_name
+from erllama_py.params import ChatMessage
+from erllama_py.results import CacheHit, Completion, Timings, Usage
 from supervisors import ProcessChild, SupervisedActor
 
-__all__ = ["Cancel", "ModelActor", "Submit"]
+__all__ = ["Call", "Cancel", "ModelActor", "Submit"]
 
 log = logging.getLogger("erllama_py.model")
 T = TypeVar("T")
@@ -55,12 +60,9 @@ DEFER_RETRY_S = 0.005  # how soon a request waiting for its parent's save is loo
 
 @dataclass(frozen=True)
 class Submit:
-    """Queue a request. ``text`` is tokenized by the worker on admission when given."""
+    """Queue a request (a text or chat prompt is tokenized by the worker on admission)."""
 
     request: Request
-    text: str | None = None
-    chat: Sequence[Mapping[str, Any]] | None = None
-    template: str | None = None
 
 
 @dataclass(frozen=True)
@@ -70,6 +72,14 @@ class Cancel:
     request_id: str
 
 
+@dataclass(frozen=True)
+class Call(Generic[T]):
+    """Run ``fn`` in the actor's thread and answer with its result: a typed ask
+    (``ref.ask(Call(lambda actor: actor.tokenize(text)))``)."""
+
+    fn: Callable[[ModelActor], T]
+
+
 class _Tick:
     pass
 
@@ -77,14 +87,14 @@ class _Tick:
 class ModelActor(SupervisedActor):
     """See the module docstring. Address it by name: ``model:<name>/actor``."""
 
-    def __init__(self, shared: ModelShared) -> None:
+    def __init__(self, shared: ModelState) -> None:
         super().__init__()
         self.shared = shared
         self.name = shared.name
         self.client: WorkerClient | None = None
-        self.cachepath: CachePath | None = None
-        self.pending: deque[tuple[Request, Submit]] = deque()
-        self.active: list[Request] = []
+        self.cache: PromptCache | None = None
+        self.pending: deque[RequestState] = deque()
+        self.active: list[RequestState] = []
         self.free: list[int] = []
         self._tick_queued = False
         self._deferred = False
@@ -106,7 +116,7 @@ class ModelActor(SupervisedActor):
                 )
             )
 
-    def on_failure(self, *_exc_info: Any) -> None:
+    def on_failure(self, *_exc_info: object) -> None:
         self._abandon(ModelError(f"model {self.name!r} failed; its requests were lost", self.name))
 
     def _abandon(self, error: ErllamaError) -> None:
@@ -114,7 +124,7 @@ class ModelActor(SupervisedActor):
             self._timer.cancel()
         for r in self.active:
             r.sink.fail(error)
-        for r, _ in self.pending:
+        for r in self.pending:
             r.sink.fail(error)
         self.active.clear()
         self.pending.clear()
@@ -133,22 +143,24 @@ class ModelActor(SupervisedActor):
         except WorkerCrashedError:
             return False  # it died before we could use it; its successor comes next
         self.client = client
-        self.cachepath = CachePath(self.shared, client)
+        self.cache = PromptCache(self.shared, client)
         self.free = list(range(client.info.n_seq_max))
         return True
 
     # ------------------------------------------------------------------ messages
 
-    def on_receive(self, message: Any) -> Any:
+    def on_receive(self, message: object) -> object:
         if isinstance(message, _Tick):
             self._tick_queued = False
             self._tick()
         elif isinstance(message, Submit):
-            self.pending.append((message.request, message))
+            self.pending.append(RequestState(message.request))
             self._update_obs()
             self._schedule()
         elif isinstance(message, Cancel):
             self._cancel(message.request_id)
+        elif isinstance(message, Call):
+            return message.fn(self)
         else:
             return super().on_receive(message)
         return None
@@ -176,11 +188,11 @@ class ModelActor(SupervisedActor):
                 r.cancel_requested = True
                 self._schedule()
                 return
-        for item in list(self.pending):
-            if item[0].id == request_id:
-                self.pending.remove(item)
-                item[0].finish_reason = "cancelled"
-                item[0].sink.finish(self._result(item[0]))
+        for r in list(self.pending):
+            if r.id == request_id:
+                self.pending.remove(r)
+                r.finish_reason = FinishReason.CANCELLED
+                r.sink.finish(self._result(r))
                 self._update_obs()
                 return
 
@@ -194,7 +206,7 @@ class ModelActor(SupervisedActor):
     def detokenize(self, tokens: Sequence[int]) -> bytes:
         return self._direct(lambda w: w.detokenize(tokens))
 
-    def render_chat(self, messages: Sequence[Mapping[str, Any]], template: str | None) -> str:
+    def render_chat(self, messages: Sequence[ChatMessage], template: str | None) -> str:
         return self._direct(lambda w: w.chat_template(messages, template))
 
     def embed(self, tokens: Sequence[int]) -> list[float]:
@@ -208,22 +220,22 @@ class ModelActor(SupervisedActor):
             self._worker_lost(exc)
             return call(self._worker())
 
-    def evict(self, reason: str = "evict") -> int:
+    def evict(self, reason: SaveReason = SaveReason.EVICT) -> int:
         """Save every request in flight (reason ``evict``); returns how many saves fired.
 
         With reason ``shutdown`` the key becomes the request's ``finish_key``,
         so its caller can resume it with ``parent_key``.
         """
-        if self.client is None or self.cachepath is None:
+        if self.client is None or self.cache is None:
             return 0
         fired = 0
         for r in self.active:
             if not (r.context and r.has_logits):
                 continue
-            key = self.cachepath.save(r, reason)
+            key = self.cache.save(r, reason)
             if key is not None:
                 fired += 1
-                if reason == "shutdown":
+                if reason is SaveReason.SHUTDOWN:
                     r.finish_key = key
         return fired
 
@@ -232,12 +244,11 @@ class ModelActor(SupervisedActor):
         self.shared.unloading = True
         fired = 0
         with contextlib.suppress(WorkerCrashedError):
-            fired = self.evict("shutdown")
+            fired = self.evict(SaveReason.SHUTDOWN)
         for r in list(self.active):
-            r.finishing = True
-            r.finish_reason = r.finish_reason or "cancelled"
+            r.finish_as(r.finish_reason or FinishReason.CANCELLED)
             self._finish(r, save=False)
-        for r, _ in self.pending:
+        for r in self.pending:
             r.sink.fail(ModelError(f"model {self.name!r} was unloaded", self.name))
         self.pending.clear()
         self._update_obs()
@@ -263,11 +274,11 @@ class ModelActor(SupervisedActor):
             self._update_obs()
             return
         try:
+            self._expire()
             self._admit()
             for r in self.active:
                 if r.cancel_requested and not r.finishing:
-                    r.finishing = True
-                    r.finish_reason = "cancelled"
+                    r.finish_as(FinishReason.CANCELLED)
             assert self.client is not None
             info = self.client.info
             plan = plan_tick(
@@ -291,26 +302,56 @@ class ModelActor(SupervisedActor):
         if self.active:
             self._schedule()
         elif self.pending:
-            self._schedule(DEFER_RETRY_S if self._deferred else 0.0)
+            self._schedule(DEFER_RETRY_S if self._deferred else self._next_deadline())
+
+    def _expire(self) -> None:
+        """End the requests whose ``timeout`` has passed: queued ones at once, running
+        ones at the end of this tick (their state is saved as usual)."""
+        now = time.perf_counter()
+        for r in list(self.pending):
+            deadline = r.request.deadline
+            if deadline is not None and now >= deadline:
+                self.pending.remove(r)
+                r.sink.fail(self._timeout_error(r))
+        for r in self.active:
+            deadline = r.request.deadline
+            if deadline is not None and now >= deadline and not r.finishing:
+                r.timed_out = True
+                r.finish_as(FinishReason.CANCELLED)
+
+    def _timeout_error(self, r: RequestState) -> RequestTimeoutError:
+        timeout = r.request.options.timeout_s or 0.0
+        return RequestTimeoutError(
+            f"request {r.id} did not finish within its timeout of {timeout:g} s",
+            self.name,
+            request_id=r.id,
+        )
+
+    def _next_deadline(self) -> float:
+        """Seconds until the first queued request's deadline (0 when none has one)."""
+        deadlines = [d for r in self.pending if (d := r.request.deadline) is not None]
+        if not deadlines:
+            return 0.0
+        return max(0.001, min(deadlines) - time.perf_counter())
 
     def _admit(self) -> None:
         self._deferred = False
         while self.pending and self.free:
-            r, submit = self.pending.popleft()
+            r = self.pending.popleft()
             seq = self.free.pop(0)
             r.seq = seq
             r.t_admit = time.perf_counter()
             try:
-                self._start(r, submit)
+                self._start(r)
             except WorkerCrashedError:
                 r.seq = None
-                self.pending.appendleft((r, submit))
+                self.pending.appendleft(r)
                 raise
             except Deferred:
                 # Its parent's save is still being written: keep the FIFO order and
                 # let the sequences already running go on meanwhile.
                 self._release(r)
-                self.pending.appendleft((r, submit))
+                self.pending.appendleft(r)
                 self._deferred = True
                 return
             except ErllamaError as exc:
@@ -319,16 +360,19 @@ class ModelActor(SupervisedActor):
                 continue
             self.active.append(r)
 
-    def _start(self, r: Request, submit: Submit) -> None:
+    def _start(self, r: RequestState) -> None:
         client = self.client
         assert client is not None
-        assert self.cachepath is not None
+        assert self.cache is not None
         info = client.info
-        if submit.chat is not None:
-            text = client.chat_template(submit.chat, submit.template)
-            r.prompt = client.tokenize(text, add_special=True, parse_special=True)
-        elif submit.text is not None:
-            r.prompt = client.tokenize(submit.text)
+        match r.request.prompt:
+            case ChatPrompt(messages, template):
+                text = client.chat_template(messages, template)
+                r.prompt = client.tokenize(text, add_special=True, parse_special=True)
+            case TextPrompt(text):
+                r.prompt = client.tokenize(text)
+            case TokenPrompt(tokens):
+                r.prompt = list(tokens)
         if not r.prompt:
             raise InvalidRequestError("the prompt is empty", self.name, param="prompt")
         validate_tokens(r.prompt, info.n_vocab)
@@ -339,27 +383,26 @@ class ModelActor(SupervisedActor):
                 self.name,
                 param="prompt",
             )
-        self.cachepath.resolve(r)
+        self.cache.resolve(r)
         if not r.cursor:  # an exact hit: nothing to prefill, decoding starts now
             r.t_prefill_done = time.perf_counter()
         if not r.prefill_only:
-            config = r.options.sampling.to_dict()
-            if config.get("grammar") is None and config.get("json_schema") is None:
-                r.sampler_spec = (config, list(r.prompt))  # cannot fail: validated here
+            spec = SamplerSpec(r.request.options.sampling, tuple(r.prompt))
+            if spec.params.constrained:
+                r.sampler = client.new_sampler(spec)  # a bad grammar fails here, alone
             else:
-                r.sampler = client.new_sampler(config, r.prompt)
+                r.sampler_spec = spec  # cannot fail: validated on submission
         if r.cursor == [] and (r.prefill_only or r.max_tokens == 0):
-            r.finishing = True
-            r.finish_reason = "length"
+            r.finish_as(FinishReason.LENGTH)
 
-    def _apply(self, plan: Sequence[Planned], results: Sequence[Any]) -> None:
-        assert self.cachepath is not None
+    def _apply(self, plan: Sequence[Planned], results: Sequence[TokenOut | None]) -> None:
+        assert self.cache is not None
         assert self.client is not None
         n_ctx = self.client.info.n_ctx
         policy = self.shared.policy
         for p, result in zip(plan, results, strict=True):
             r = p.request
-            if p.op[0] == "prefill":
+            if isinstance(p.op, Prefill):
                 r.context.extend(r.cursor[: p.n])
                 del r.cursor[: p.n]
                 r.has_logits = True
@@ -367,13 +410,13 @@ class ModelActor(SupervisedActor):
                 boundary = self._canonical_boundary(pos)
                 if r.cold_save_at == pos:
                     r.cold_save_at = None
-                    self.cachepath.save(r, "cold", canonical=boundary)
+                    self.cache.save(r, SaveReason.COLD, canonical=boundary)
                 elif boundary:
-                    self.cachepath.canonicalize(r)
+                    self.cache.canonicalize(r)
                 if r.end_save_at == pos:
                     r.end_save_at = None
                     if r.prefill_only or r.max_tokens == 0:
-                        self.cachepath.save(r, self._end_reason(r))
+                        self.cache.save(r, self._end_reason(r))
                     else:
                         # Sampling the first token does not touch the KV cells: pack
                         # after it, so the save is not on the time to first token.
@@ -381,55 +424,51 @@ class ModelActor(SupervisedActor):
                 if not r.cursor:
                     r.t_prefill_done = time.perf_counter()
                     if r.prefill_only or r.max_tokens == 0:
-                        r.finishing = True
-                        r.finish_reason = "length"
+                        r.finish_as(FinishReason.LENGTH)
                     elif self.shared.deterministic and r.deferred_save is None:
-                        r.deferred_save = ""  # no save here, but the same state as with one
+                        r.deferred_canonicalize = True  # no save, but the state of one
                 continue
-            token, eog, piece = result[:3]
-            if len(result) > 3:
-                r.sampler, r.sampler_spec = result[3], None
+            assert result is not None
+            token, eog, piece = result.token, result.eog, result.piece
+            if result.sampler is not None:
+                r.sampler, r.sampler_spec = result.sampler, None
             if r.pending is not None:
                 r.context.append(r.pending)  # decoded by this step
                 r.pending = None
             if not r.t_first_token:
                 r.t_first_token = time.perf_counter()
             if eog:
-                r.finishing = True
-                r.finish_reason = "stop"
+                r.finish_as(FinishReason.STOP)
                 continue
             r.generated.append(token)
             r.pending = token
             self.shared.obs.tokens_generated += 1
             delta = r.text.feed(piece)
-            r.sink.delta(delta, (token,))
+            r.sink.delta(delta, [token])
             self._run_deferred_save(r)
             if r.text.match is not None:
-                r.finishing = True
-                r.finish_reason = "stop"
+                r.finish_as(FinishReason.STOP)
             elif (r.max_tokens is not None and len(r.generated) >= r.max_tokens) or len(
                 r.context
             ) + 1 >= n_ctx:
-                r.finishing = True
-                r.finish_reason = "length"
+                r.finish_as(FinishReason.LENGTH)
             elif should_continued_save(len(r.context), r.last_save_at, policy):
-                self.cachepath.save(r, "continued")
+                self.cache.save(r, SaveReason.CONTINUED)
 
-    def _run_deferred_save(self, r: Request) -> None:
+    def _run_deferred_save(self, r: RequestState) -> None:
         """The prompt-end save held back until the first token was sampled.
 
         In deterministic mode the state is canonicalized there whether a row is
-        saved or not (``deferred_save == ""``), so that outputs do not depend on
+        saved or not (``deferred_canonicalize``), so that outputs do not depend on
         the save policy or on which rows already exist.
         """
-        if r.deferred_save is None:
-            return
-        assert self.cachepath is not None
+        assert self.cache is not None
         reason, r.deferred_save = r.deferred_save, None
-        if reason:
-            self.cachepath.save(r, reason, canonical=self.shared.deterministic)
-        else:
-            self.cachepath.canonicalize(r)
+        canonicalize, r.deferred_canonicalize = r.deferred_canonicalize, False
+        if reason is not None:
+            self.cache.save(r, reason, canonical=self.shared.deterministic)
+        elif canonicalize:
+            self.cache.canonicalize(r)
 
     def _canonical_boundary(self, pos: int) -> bool:
         """Whether deterministic mode canonicalizes a sequence at `pos` prompt tokens: at
@@ -438,28 +477,33 @@ class ModelActor(SupervisedActor):
         info = self.shared.info
         return self.shared.deterministic and 0 < info.n_swa < pos and pos % info.n_batch == 0
 
-    def _end_reason(self, r: Request) -> str:
+    def _end_reason(self, r: RequestState) -> SaveReason:
         """Reason of the save at the end of a prompt: ``cold`` when its state is what a
         cold run computes (a cold path, or any path in deterministic mode)."""
-        return "cold" if r.cache_kind == "cold" or self.shared.deterministic else "continued"
+        if r.hit is HitKind.COLD or self.shared.deterministic:
+            return SaveReason.COLD
+        return SaveReason.CONTINUED
 
-    def _finish(self, r: Request, *, save: bool = True) -> None:
-        assert self.cachepath is not None
+    def _finish(self, r: RequestState, *, save: bool = True) -> None:
+        assert self.cache is not None
         if save:
             self._run_deferred_save(r)
         tail = r.text.flush()
         if tail:
-            r.sink.delta(tail, ())
+            r.sink.delta(tail, [])
         if save and r.context and should_finish_save(len(r.context), self.shared.policy):
-            reason = "cold" if r.prefill_only and r.cache_kind == "cold" else "finish"
-            r.finish_key = self.cachepath.save(r, reason)
+            cold = r.prefill_only and r.hit is HitKind.COLD
+            r.finish_key = self.cache.save(r, SaveReason.COLD if cold else SaveReason.FINISH)
         self._release(r)
         if r in self.active:
             self.active.remove(r)
         self.shared.obs.requests_done += 1
-        r.sink.finish(self._result(r))
+        if r.timed_out:
+            r.sink.fail(self._timeout_error(r))
+        else:
+            r.sink.finish(self._result(r))
 
-    def _release(self, r: Request) -> None:
+    def _release(self, r: RequestState) -> None:
         """Free the request's sampler and sequence (the sequence is cleared)."""
         client = self.client
         if client is not None:
@@ -495,50 +539,48 @@ class ModelActor(SupervisedActor):
             r.sink.fail(WorkerCrashedError(self.name, exc.exitcode, request_id=r.id))
         self.active.clear()
         self.client = None
-        self.cachepath = None
+        self.cache = None
         self.free = []
 
     # ------------------------------------------------------------------ results and obs
 
-    def _result(self, r: Request) -> dict[str, Any]:
+    def _result(self, r: RequestState) -> Completion:
         now = time.perf_counter()
         match = r.text.match
-        return {
-            "id": r.id,
-            "model": self.name,
-            "text": r.text.text,
-            "tokens": list(r.generated),
-            "finish_reason": r.finish_reason or "stop",
-            "finish_key": r.finish_key.hex() if r.finish_key else None,
-            "stop_sequence": match.stop if match else None,
-            "usage": {
-                "prompt_tokens": len(r.prompt),
-                "completion_tokens": len(r.generated),
-                "total_tokens": len(r.prompt) + len(r.generated),
-                "cached_tokens": r.cache_prefix_len,
-            },
-            "cache": {"kind": r.cache_kind, "prefix_len": r.cache_prefix_len},
-            "timings": {
-                "queue_ms": r.elapsed_ms(r.t_submit, r.t_admit or now),
-                "restore_ms": r.t_restore_ms,
-                "prefill_ms": r.elapsed_ms(r.t_admit, r.t_prefill_done or now)
-                if r.t_admit
-                else 0.0,
-                "decode_ms": r.elapsed_ms(r.t_prefill_done, now) if r.t_prefill_done else 0.0,
-                "ttft_ms": r.elapsed_ms(r.t_submit, r.t_first_token) if r.t_first_token else None,
-                "total_ms": r.elapsed_ms(r.t_submit, now),
-            },
-        }
+        submitted = r.request.submitted
+        return Completion(
+            id=r.id,
+            model=self.name,
+            text=r.text.text,
+            tokens=list(r.generated),
+            finish_reason=r.finish_reason or FinishReason.STOP,
+            finish_key=r.finish_key.hex() if r.finish_key else None,
+            stop_sequence=match.stop if match else None,
+            usage=Usage(
+                prompt_tokens=len(r.prompt),
+                completion_tokens=len(r.generated),
+                cached_tokens=r.hit_len,
+            ),
+            cache=CacheHit(r.hit, r.hit_len),
+            timings=Timings(
+                queue_ms=r.elapsed_ms(submitted, r.t_admit or now),
+                restore_ms=r.t_restore_ms,
+                prefill_ms=r.elapsed_ms(r.t_admit, r.t_prefill_done or now) if r.t_admit else 0.0,
+                decode_ms=r.elapsed_ms(r.t_prefill_done, now) if r.t_prefill_done else 0.0,
+                ttft_ms=r.elapsed_ms(submitted, r.t_first_token) if r.t_first_token else None,
+                total_ms=r.elapsed_ms(submitted, now),
+            ),
+        )
 
     def _update_obs(self) -> None:
         obs = self.shared.obs
         obs.pending_len = len(self.pending)
         obs.active = len(self.active)
         if self.client is None and (self.pending or self.active):
-            obs.phase = "restarting"
+            obs.phase = Phase.RESTARTING
         elif any(r.cursor for r in self.active):
-            obs.phase = "prefilling"
+            obs.phase = Phase.PREFILLING
         elif self.active:
-            obs.phase = "generating"
+            obs.phase = Phase.GENERATING
         else:
-            obs.phase = "idle"
+            obs.phase = Phase.IDLE

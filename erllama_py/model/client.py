@@ -12,37 +12,47 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TypeVar, cast
 
 from erllama_py.errors import ModelLoadError, WorkerCrashedError
 from erllama_py.model.backend import BackendInfo
 from erllama_py.model.protocol import (
     FD_MARK,
+    BufferFollows,
     ChatTemplate,
     ClearSeq,
     Command,
     Detokenize,
     Embed,
+    Failed,
     FreeSampler,
+    LoadFailed,
     NewSampler,
+    Ok,
     Pack,
+    Ready,
+    Reply,
     Reset,
+    SamplerSpec,
     SeqLen,
     Step,
     StepOp,
     Tokenize,
+    TokenOut,
     Truncate,
     Unpack,
     WorkerSpec,
     raise_remote,
 )
 from erllama_py.model.statebuf import StateBuffer
+from erllama_py.params import ChatMessage
 from supervisors import ProcessChild
 
-__all__ = ["WorkerClient", "start_worker", "log_tail"]
+__all__ = ["WorkerClient", "log_tail", "start_worker"]
 
+R = TypeVar("R")
 WORKER_TARGET = "erllama_py.model.worker:worker_main"
 DEFAULT_LOAD_TIMEOUT_S = 120.0
 
@@ -84,7 +94,7 @@ def start_worker(
     try:
         if not process.channel.poll(timeout):
             raise ModelLoadError(f"the worker did not load the model in {timeout:g} s", spec.model)
-        kind, value = process.channel.recv()
+        hello = process.channel.recv()
     except (EOFError, OSError):
         process.wait(5.0)
         tail = log_tail(spec.log_file())
@@ -95,10 +105,11 @@ def start_worker(
     except BaseException:
         _kill(process)
         raise
-    if kind != "ready":
+    if not isinstance(hello, Ready):
         _kill(process)
-        raise ModelLoadError(f"cannot load model {spec.model!r}: {value}", spec.model)
-    return process, BackendInfo.from_dict(value)
+        why = hello.reason if isinstance(hello, LoadFailed) else f"unexpected {hello!r}"
+        raise ModelLoadError(f"cannot load model {spec.model!r}: {why}", spec.model)
+    return process, hello.info
 
 
 def _kill(process: ProcessChild) -> None:
@@ -127,66 +138,63 @@ class WorkerClient:
         self.process.wait(1.0)
         return WorkerCrashedError(self.model, self.process.exitcode)
 
-    def call(self, command: Command) -> Any:
+    def call(self, command: Command[R]) -> R:
         """Send a command, return its result.
 
         Raises:
             WorkerCrashedError: the worker died (before or during the call).
-            InvalidRequestError, ContextOverflowError, ModelError: the worker refused it.
+            InvalidRequestError, ContextOverflowError, CacheFormatError, ModelError:
+                the worker refused it.
         """
         with self._lock:
             try:
                 self.process.channel.send(command)
-                reply = self.process.channel.recv()
+                reply: Reply = self.process.channel.recv()
             except (EOFError, OSError):
                 raise self.crashed() from None
-        return self._result(reply)
+        return cast(R, self._value(reply))
 
-    def _result(self, reply: tuple[Any, ...]) -> Any:
-        if reply[0] == "ok":
-            return reply[1]
-        if reply[0] == "error":
-            raise_remote(self.model, reply[1], reply[2], reply[3])
-        raise AssertionError(f"unexpected worker reply {reply[0]!r}")
+    def _value(self, reply: Reply) -> object:
+        if isinstance(reply, Ok):
+            return reply.value
+        if isinstance(reply, Failed):
+            raise_remote(self.model, reply)
+        raise AssertionError(f"unexpected worker reply {reply!r}")
 
     # ------------------------------------------------------------------ typed commands
 
     def tokenize(
         self, text: str, add_special: bool = True, parse_special: bool = False
     ) -> list[int]:
-        return list(self.call(Tokenize(text, add_special, parse_special)))
+        return self.call(Tokenize(text, add_special, parse_special))
 
     def detokenize(self, tokens: Sequence[int], special: bool = False) -> bytes:
-        return bytes(self.call(Detokenize(list(tokens), special)))
+        return self.call(Detokenize(list(tokens), special))
 
-    def chat_template(
-        self, messages: Sequence[Mapping[str, Any]], template: str | None = None
-    ) -> str:
-        return str(self.call(ChatTemplate([dict(m) for m in messages], True, template)))
+    def chat_template(self, messages: Sequence[ChatMessage], template: str | None = None) -> str:
+        return self.call(ChatTemplate(list(messages), True, template))
 
-    def new_sampler(self, config: Mapping[str, Any], history: Sequence[int]) -> int:
-        return int(self.call(NewSampler(dict(config), list(history))))
+    def new_sampler(self, spec: SamplerSpec) -> int:
+        return self.call(NewSampler(spec))
 
     def free_sampler(self, sampler: int) -> None:
         self.call(FreeSampler(sampler))
 
-    def step(self, ops: Sequence[StepOp]) -> list[tuple[Any, ...] | None]:
-        """One tick. Per op: None (prefill) or (token, eog, piece bytes[, id of the
-        sampler created for a ``gen`` op that sent its config instead of an id])."""
-        result: list[tuple[Any, ...] | None] = self.call(Step(list(ops)))
-        return result
+    def step(self, ops: Sequence[StepOp]) -> list[TokenOut | None]:
+        """One tick: per op, None (prefill) or the `TokenOut` of a generate op."""
+        return self.call(Step(list(ops)))
 
     def truncate(self, seq: int, n: int) -> bool:
-        return bool(self.call(Truncate(seq, n)))
+        return self.call(Truncate(seq, n))
 
     def clear_seq(self, seq: int) -> None:
         self.call(ClearSeq(seq))
 
     def seq_len(self, seq: int) -> int:
-        return int(self.call(SeqLen(seq)))
+        return self.call(SeqLen(seq))
 
     def embed(self, tokens: Sequence[int]) -> list[float]:
-        return list(self.call(Embed(list(tokens))))
+        return self.call(Embed(list(tokens)))
 
     def reset(self) -> None:
         self.call(Reset())
@@ -196,14 +204,14 @@ class WorkerClient:
         with self._lock:
             try:
                 self.process.channel.send(Pack(seq, canonical))
-                reply = self.process.channel.recv()
-                if reply[0] != "ok_fd":
-                    self._result(reply)
+                reply: Reply = self.process.channel.recv()
+                if not isinstance(reply, BufferFollows):
+                    self._value(reply)
                     raise AssertionError("pack replied without a buffer")
                 _data, fds = self.process.channel.recv_fds(len(FD_MARK), 1)
             except (EOFError, OSError):
                 raise self.crashed() from None
-        return StateBuffer.from_fd(fds[0], reply[1], take_ownership=True)
+        return StateBuffer.from_fd(fds[0], reply.size, take_ownership=True)
 
     def unpack(self, seq: int, buffer: StateBuffer, size: int | None = None) -> int:
         """Restore a sequence from the first `size` bytes (default: all) of a shared
@@ -212,10 +220,10 @@ class WorkerClient:
             try:
                 self.process.channel.send(Unpack(seq, buffer.size if size is None else size))
                 self.process.channel.send_fds(FD_MARK, [buffer.fd])
-                reply = self.process.channel.recv()
+                reply: Reply = self.process.channel.recv()
             except (EOFError, OSError):
                 raise self.crashed() from None
-        return int(self._result(reply))
+        return cast(int, self._value(reply))
 
 
 def wait_until_dead(process: ProcessChild, timeout: float) -> bool:

@@ -18,8 +18,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from erllama_py.model.protocol import StepOp
-from erllama_py.model.request import Request
+from erllama_py.model.protocol import GenerateOp, Prefill, SamplerSpec, StepOp
+from erllama_py.model.request import RequestState
 
 __all__ = ["Planned", "plan_tick", "prefill_limit"]
 
@@ -28,12 +28,12 @@ __all__ = ["Planned", "plan_tick", "prefill_limit"]
 class Planned:
     """One op of a tick and the request it serves (``n`` tokens for a prefill)."""
 
-    request: Request
+    request: RequestState
     op: StepOp
     n: int
 
 
-def prefill_limit(request: Request, n_batch: int, deterministic: bool) -> int:
+def prefill_limit(request: RequestState, n_batch: int, deterministic: bool) -> int:
     """The most tokens `request` may prefill in its next slice (before budgets)."""
     limit = len(request.cursor)
     pos = len(request.context)
@@ -46,7 +46,7 @@ def prefill_limit(request: Request, n_batch: int, deterministic: bool) -> int:
 
 
 def plan_tick(
-    requests: Sequence[Request], n_batch: int, chunk: int, *, deterministic: bool = False
+    requests: Sequence[RequestState], n_batch: int, chunk: int, *, deterministic: bool = False
 ) -> list[Planned]:
     """The ops of the next tick, decodes first, then prefills, at most `n_batch` tokens.
 
@@ -58,16 +58,18 @@ def plan_tick(
             if r.cursor:
                 n = prefill_limit(r, n_batch, True)
                 assert r.seq is not None
-                return [Planned(r, ("prefill", r.seq, r.cursor[:n]), n)]
+                return [Planned(r, Prefill(r.seq, r.cursor[:n]), n)]
     planned: list[Planned] = []
     budget = n_batch
     for r in active:
         if r.decode_ready and not r.prefill_only:
-            sampler: object = r.sampler if r.sampler is not None else r.sampler_spec
+            sampler: int | SamplerSpec | None = (
+                r.sampler if r.sampler is not None else r.sampler_spec
+            )
             if sampler is None:
                 continue
             assert r.seq is not None
-            planned.append(Planned(r, ("gen", r.seq, sampler, r.pending), 1))
+            planned.append(Planned(r, GenerateOp(r.seq, sampler, r.pending), 1))
             budget -= r.pending is not None
     for r in active:
         if budget <= 0:
@@ -78,6 +80,6 @@ def plan_tick(
         if n <= 0:
             continue
         assert r.seq is not None
-        planned.append(Planned(r, ("prefill", r.seq, r.cursor[:n]), n))
+        planned.append(Planned(r, Prefill(r.seq, r.cursor[:n]), n))
         budget -= n
     return planned

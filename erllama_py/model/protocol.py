@@ -1,15 +1,22 @@
-"""The context worker protocol: commands, replies, and how errors cross the boundary.
+"""The context worker protocol: typed commands, typed replies, and how errors cross.
 
-The runtime sends one command and waits for its reply; the worker runs one
-command at a time. Messages are pickled frames on the `supervisors.Channel`
-between them. A KV state never travels in a frame: it stays in a memfd
-(`StateBuffer`) whose descriptor crosses with ``SCM_RIGHTS`` right after the
-frame that announces it (`Pack`'s reply, `Unpack`'s command), so a state of
-hundreds of megabytes costs a descriptor, not a copy.
+The runtime sends one `Command` and waits for its `Reply`; the worker runs one
+command at a time. Messages are pickled dataclasses on the
+`supervisors.Channel` between them. Each command class names the type of its
+reply's value (``Tokenize`` is a ``Command[list[int]]``), so that
+`WorkerClient.call` is typed end to end.
 
-Errors raised by the backend are sent as (class name, message, param) and
-rebuilt on the runtime side by `raise_remote`, the one place that maps worker
-errors onto the `ModelError` family.
+A KV state never travels in a frame: it stays in a memfd (`StateBuffer`) whose
+descriptor crosses with ``SCM_RIGHTS`` right after the frame that announces it
+(`BufferFollows`, the reply to `Pack`; the `Unpack` command itself), so a
+state of hundreds of megabytes costs a descriptor, not a copy.
+
+The handshake: a new worker sends `Ready` (its model's `BackendInfo`) or
+`LoadFailed` (why it could not load).
+
+Errors raised by the backend travel as `Failed` (class name, message, param)
+and are rebuilt on the runtime side by `raise_remote`, the one place that
+maps worker errors onto the `ModelError` family.
 """
 
 from __future__ import annotations
@@ -17,28 +24,42 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Generic, NoReturn, TypeVar
 
 from erllama_py.errors import (
+    CacheFormatError,
     ContextOverflowError,
     InvalidRequestError,
     ModelError,
     ModelLoadError,
 )
+from erllama_py.model.backend import BackendInfo, Prefill
+from erllama_py.params import ChatMessage, SamplingParams
 
 __all__ = [
+    "FD_MARK",
+    "BufferFollows",
     "ChatTemplate",
     "ClearSeq",
     "Command",
     "Detokenize",
     "Embed",
+    "Failed",
     "FreeSampler",
+    "GenerateOp",
+    "LoadFailed",
     "NewSampler",
+    "Ok",
     "Pack",
+    "Prefill",
+    "Ready",
+    "Reply",
     "Reset",
+    "SamplerSpec",
     "SeqLen",
     "Step",
     "StepOp",
+    "TokenOut",
     "Tokenize",
     "Truncate",
     "Unpack",
@@ -47,6 +68,7 @@ __all__ = [
 ]
 
 FD_MARK = b"F"  # the one byte that carries descriptors after an announcing frame
+R_co = TypeVar("R_co", covariant=True)
 
 
 @dataclass(frozen=True)
@@ -61,59 +83,116 @@ class WorkerSpec:
     n_seq_max: int = 4
     n_threads: int | None = None
     log_path: str | None = None
-    stub: Mapping[str, Any] = field(default_factory=dict)
+    stub: Mapping[str, int | float] = field(default_factory=dict)
 
     def log_file(self) -> Path | None:
         return Path(self.log_path) if self.log_path else None
 
 
+# ---------------------------------------------------------------------- handshake
+
+
 @dataclass(frozen=True)
-class Tokenize:
+class Ready:
+    """The worker loaded its model."""
+
+    info: BackendInfo
+
+
+@dataclass(frozen=True)
+class LoadFailed:
+    """The worker could not load its model (it exits after sending this)."""
+
+    reason: str
+
+
+# ---------------------------------------------------------------------- commands
+
+
+class Command(Generic[R_co]):
+    """A command to a context worker; ``R_co`` is the type of its reply's value."""
+
+    __slots__ = ()
+
+
+@dataclass(frozen=True)
+class Tokenize(Command[list[int]]):
     text: str
     add_special: bool = True
     parse_special: bool = False
 
 
 @dataclass(frozen=True)
-class Detokenize:
+class Detokenize(Command[bytes]):
     tokens: Sequence[int]
     special: bool = False
 
 
 @dataclass(frozen=True)
-class ChatTemplate:
-    messages: Sequence[Mapping[str, Any]]
+class ChatTemplate(Command[str]):
+    """Render a conversation to prompt text."""
+
+    messages: Sequence[ChatMessage]
     add_generation_prompt: bool = True
     template: str | None = None
 
 
 @dataclass(frozen=True)
-class NewSampler:
-    config: Mapping[str, Any]
+class SamplerSpec:
+    """A sampler to create: its parameters and the context that primes its penalties."""
+
+    params: SamplingParams
     history: Sequence[int] = ()
 
 
 @dataclass(frozen=True)
-class FreeSampler:
-    sampler: int
+class NewSampler(Command[int]):
+    """Create a sampler; the reply is its id."""
 
-
-StepOp = tuple[Any, ...]
-"""``("prefill", seq, tokens)`` or ``("gen", seq, sampler, pending token or None)``,
-where ``sampler`` is an id, or ``(config, history)`` to create one with this step (its
-id then comes back as a fourth item of the op's result)."""
+    spec: SamplerSpec
 
 
 @dataclass(frozen=True)
-class Step:
-    """One tick. The reply lists, per op, None (prefill) or (token, eog, piece bytes)."""
+class FreeSampler(Command[None]):
+    sampler: int
+
+
+@dataclass(frozen=True)
+class GenerateOp:
+    """Decode ``pending`` (the token sampled last tick, if any) into ``seq``, then sample
+    the next token with ``sampler``: an id, or a `SamplerSpec` to create it with this
+    step (its id then comes back in the op's `TokenOut`)."""
+
+    seq: int
+    sampler: int | SamplerSpec
+    pending: int | None = None
+
+
+StepOp = Prefill | GenerateOp
+
+
+@dataclass(frozen=True)
+class TokenOut:
+    """What a `GenerateOp` produced: the token, whether it ends generation, its bytes
+    (empty for an end-of-generation token), and the id of a sampler created for it."""
+
+    token: int
+    eog: bool
+    piece: bytes
+    sampler: int | None = None
+
+
+@dataclass(frozen=True)
+class Step(Command[list[TokenOut | None]]):
+    """One tick, in one ``llama_decode``. The reply has one item per op, in op order:
+    None for a `Prefill`, a `TokenOut` for a `GenerateOp`."""
 
     ops: Sequence[StepOp]
 
 
 @dataclass(frozen=True)
-class Pack:
-    """Save a sequence; the reply frame is followed by the buffer's descriptor.
+class Pack(Command[int]):
+    """Save a sequence; the reply is `BufferFollows` and then the buffer's descriptor.
 
     ``canonical``: continue from the saved state itself (see `Backend.pack`).
     """
@@ -123,54 +202,68 @@ class Pack:
 
 
 @dataclass(frozen=True)
-class Unpack:
-    """Restore a sequence from the buffer whose descriptor follows this frame."""
+class Unpack(Command[int]):
+    """Restore a sequence from the buffer whose descriptor follows this frame; the reply
+    is the number of tokens restored."""
 
     seq: int
     size: int
 
 
 @dataclass(frozen=True)
-class Truncate:
+class Truncate(Command[bool]):
     seq: int
     n: int
 
 
 @dataclass(frozen=True)
-class ClearSeq:
+class ClearSeq(Command[None]):
     seq: int
 
 
 @dataclass(frozen=True)
-class SeqLen:
+class SeqLen(Command[int]):
     seq: int
 
 
 @dataclass(frozen=True)
-class Embed:
+class Embed(Command[list[float]]):
     tokens: Sequence[int]
 
 
 @dataclass(frozen=True)
-class Reset:
+class Reset(Command[None]):
     """Clear every sequence and free every sampler (a new model actor took over)."""
 
 
-Command = (
-    Tokenize
-    | Detokenize
-    | ChatTemplate
-    | NewSampler
-    | FreeSampler
-    | Step
-    | Pack
-    | Unpack
-    | Truncate
-    | ClearSeq
-    | SeqLen
-    | Embed
-    | Reset
-)
+# ---------------------------------------------------------------------- replies
+
+
+@dataclass(frozen=True)
+class Ok:
+    """A command succeeded; ``value`` has the type its command names."""
+
+    value: object
+
+
+@dataclass(frozen=True)
+class BufferFollows:
+    """A command produced a state buffer of ``size`` bytes; its descriptor follows."""
+
+    size: int
+
+
+@dataclass(frozen=True)
+class Failed:
+    """A command failed: the error's class name, message and parameter."""
+
+    kind: str
+    message: str
+    param: str | None = None
+    reason: str | None = None  # a CacheFormatError's tag
+
+
+Reply = Ok | BufferFollows | Failed
 
 _REMOTE_ERRORS: dict[str, type[ModelError]] = {
     "InvalidRequestError": InvalidRequestError,
@@ -179,11 +272,13 @@ _REMOTE_ERRORS: dict[str, type[ModelError]] = {
 }
 
 
-def raise_remote(model: str, kind: str, message: str, param: str | None) -> NoReturn:
-    """Re-raise a worker-side error as the matching `ModelError` subclass."""
-    cls = _REMOTE_ERRORS.get(kind)
+def raise_remote(model: str, failed: Failed) -> NoReturn:
+    """Re-raise a worker-side error as the matching erllama-py error."""
+    if failed.kind == "CacheFormatError":
+        raise CacheFormatError(failed.reason or "unpack_failed", failed.message)
+    cls = _REMOTE_ERRORS.get(failed.kind)
     if cls is InvalidRequestError or cls is ContextOverflowError:
-        raise cls(message, model, param=param)
+        raise cls(failed.message, model, param=failed.param)
     if cls is ModelLoadError:
-        raise ModelLoadError(message, model)
-    raise ModelError(f"worker error ({kind}): {message}", model)
+        raise ModelLoadError(failed.message, model)
+    raise ModelError(f"worker error ({failed.kind}): {failed.message}", model)

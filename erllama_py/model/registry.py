@@ -24,10 +24,12 @@ from erllama_py.errors import (
     ModelLoadError,
     ModelNotFoundError,
 )
+from erllama_py.model.backend import BackendInfo
 from erllama_py.model.catalog import resolve_model
 from erllama_py.model.protocol import WorkerSpec
-from erllama_py.model.shared import ModelShared, actor_name
-from erllama_py.model.sup import MODEL_SUP_NAME
+from erllama_py.model.state import ModelState, actor_name
+from erllama_py.model.tree import MODEL_SUP_NAME
+from erllama_py.results import ModelStatus
 from supervisors import Registry, SupervisedActor, start_child, terminate_child
 
 __all__ = ["ModelEntry", "ModelRegistry", "ModelTable"]
@@ -41,7 +43,7 @@ class ModelEntry:
     """A loaded (or failed) model."""
 
     settings: ModelSettings
-    shared: ModelShared
+    shared: ModelState
     sup: pykka.ActorRef[Any]
 
     @property
@@ -49,7 +51,7 @@ class ModelEntry:
         return self.settings.name
 
     @property
-    def status(self) -> str:
+    def status(self) -> ModelStatus:
         """``loaded``, ``unloading`` or ``failed`` (its restart intensity ran out)."""
         if self.shared.unloading:
             return "unloading"
@@ -151,8 +153,8 @@ class ModelRegistry(SupervisedActor):
         self.cache = cache
         self.registry = registry
 
-    def load(self, settings: ModelSettings) -> dict[str, Any]:
-        """Start a model's subtree (its worker loads the model); returns its info.
+    def load(self, settings: ModelSettings) -> BackendInfo:
+        """Start a model's subtree (its worker loads the model); returns what it loaded.
 
         Raises:
             ModelAlreadyLoadedError, ModelLoadError, ConfigError.
@@ -162,7 +164,7 @@ class ModelRegistry(SupervisedActor):
                 raise ModelAlreadyLoadedError(settings.name)
             self._stop_model(self.table.get(settings.name))
         spec = worker_spec(settings, self.config)
-        shared = ModelShared(
+        shared = ModelState(
             name=settings.name,
             spec=spec,
             policy=settings.policy,
@@ -184,7 +186,7 @@ class ModelRegistry(SupervisedActor):
             ) from exc
         assert isinstance(sup, pykka.ActorRef)
         self.table.put(ModelEntry(settings, shared, sup))
-        return shared.info.to_dict()
+        return shared.info
 
     def unload(self, name: str) -> None:
         """Save what the model has in flight (reason ``shutdown``), then stop it.

@@ -2,8 +2,8 @@
 
 Started by the model's supervisor as ``worker_main(channel, spec)`` in a fresh
 interpreter (`supervisors.ProcessChild`: no fork, and the user's ``__main__``
-is never imported). It loads the backend, says ``("ready", info)`` or
-``("load_failed", reason)``, then serves one command at a time until its
+is never imported). It loads the backend, says `Ready` or `LoadFailed`
+(`erllama_py.model.protocol`), then serves one command at a time until its
 channel closes. An abort or a segfault inside llama.cpp kills only this
 process; the runtime sees the channel close and the supervisor restarts it.
 """
@@ -12,25 +12,32 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Any
 
-from erllama_py.errors import ErllamaError, ModelLoadError
+from erllama_py.errors import CacheFormatError, ErllamaError, ModelLoadError
 from erllama_py.model.backend import Backend, Generate, Prefill
 from erllama_py.model.mapcache import MappingCache
 from erllama_py.model.protocol import (
     FD_MARK,
+    BufferFollows,
     ChatTemplate,
     ClearSeq,
     Command,
     Detokenize,
     Embed,
+    Failed,
     FreeSampler,
+    GenerateOp,
+    LoadFailed,
     NewSampler,
+    Ok,
     Pack,
+    Ready,
     Reset,
+    SamplerSpec,
     SeqLen,
     Step,
     Tokenize,
+    TokenOut,
     Truncate,
     Unpack,
     WorkerSpec,
@@ -53,7 +60,10 @@ def load_backend(spec: WorkerSpec) -> Backend:
 
         options = dict(spec.stub)
         return StubBackend(
-            n_ctx=spec.n_ctx, n_batch=spec.n_batch, n_seq_max=spec.n_seq_max, **options
+            n_ctx=spec.n_ctx,
+            n_batch=spec.n_batch,
+            n_seq_max=spec.n_seq_max,
+            **options,  # type: ignore[arg-type]  # validated by config._stub
         )
     if spec.model_path is None:
         raise ModelLoadError("no model_path given", spec.model)
@@ -66,6 +76,13 @@ def load_backend(spec: WorkerSpec) -> Backend:
         n_seq_max=spec.n_seq_max,
         n_threads=spec.n_threads,
     )
+
+
+def _failed(exc: Exception) -> Failed:
+    if isinstance(exc, ErllamaError):
+        reason = exc.reason if isinstance(exc, CacheFormatError) else None
+        return Failed(type(exc).__name__, str(exc), getattr(exc, "param", None), reason)
+    return Failed(type(exc).__name__, repr(exc))  # a bug or a llama-cpp-python error
 
 
 class _Server:
@@ -86,13 +103,8 @@ class _Server:
                 if isinstance(command, Unpack):
                     buffer = self._receive_buffer(command.size)
                 result = self.handle(command, buffer)
-            except ErllamaError as exc:
-                self.channel.send(
-                    ("error", type(exc).__name__, str(exc), getattr(exc, "param", None))
-                )
-                continue
-            except Exception as exc:  # a bug or a llama-cpp-python error: report, keep serving
-                self.channel.send(("error", type(exc).__name__, repr(exc), None))
+            except Exception as exc:  # reported to the caller; the worker keeps serving
+                self.channel.send(_failed(exc))
                 continue
             finally:
                 if buffer is not None and not self.mappings.owns(buffer):
@@ -100,7 +112,7 @@ class _Server:
             if isinstance(result, StateBuffer):
                 self._send_buffer(result)
             else:
-                self.channel.send(("ok", result))
+                self.channel.send(Ok(result))
 
     def _receive_buffer(self, size: int) -> StateBuffer:
         _data, fds = self.channel.recv_fds(len(FD_MARK), 1)
@@ -110,84 +122,82 @@ class _Server:
 
     def _send_buffer(self, buffer: StateBuffer) -> None:
         try:
-            self.channel.send(("ok_fd", buffer.size))
+            self.channel.send(BufferFollows(buffer.size))
             self.channel.send_fds(FD_MARK, [buffer.fd])
         finally:
             buffer.close()
 
-    def handle(self, command: Command, buffer: StateBuffer | None) -> Any:
+    def handle(self, command: Command[object], buffer: StateBuffer | None) -> object:
         b = self.backend
-        if isinstance(command, Step):
-            return self._step(command)
-        if isinstance(command, Tokenize):
-            return b.tokenize(command.text, command.add_special, command.parse_special)
-        if isinstance(command, Detokenize):
-            return b.detokenize(command.tokens, command.special)
-        if isinstance(command, ChatTemplate):
-            return b.apply_chat_template(
-                command.messages, command.add_generation_prompt, command.template
-            )
-        if isinstance(command, NewSampler):
-            sampler = b.new_sampler(command.config, command.history)
-            self.samplers.add(sampler)
-            return sampler
-        if isinstance(command, FreeSampler):
-            self.samplers.discard(command.sampler)
-            b.free_sampler(command.sampler)
-            return None
-        if isinstance(command, Pack):
-            return b.pack(command.seq, canonical=command.canonical)
-        if isinstance(command, Unpack):
-            assert buffer is not None
-            return b.unpack(command.seq, buffer)
-        if isinstance(command, Truncate):
-            return b.truncate(command.seq, command.n)
-        if isinstance(command, ClearSeq):
-            b.clear_seq(command.seq)
-            return None
-        if isinstance(command, SeqLen):
-            return b.seq_len(command.seq)
-        if isinstance(command, Embed):
-            return b.embed(command.tokens)
-        if isinstance(command, Reset):
-            for sampler in sorted(self.samplers):
+        match command:
+            case Step():
+                return self._step(command)
+            case Tokenize(text, add_special, parse_special):
+                return b.tokenize(text, add_special, parse_special)
+            case Detokenize(tokens, special):
+                return b.detokenize(tokens, special)
+            case ChatTemplate(messages, add_generation_prompt, template):
+                return b.apply_chat_template(messages, add_generation_prompt, template)
+            case NewSampler(spec):
+                return self._new_sampler(spec)
+            case FreeSampler(sampler):
+                self.samplers.discard(sampler)
                 b.free_sampler(sampler)
-            self.samplers.clear()
-            for seq in range(b.info.n_seq_max):
+                return None
+            case Pack(seq, canonical):
+                return b.pack(seq, canonical=canonical)
+            case Unpack(seq):
+                assert buffer is not None
+                return b.unpack(seq, buffer)
+            case Truncate(seq, n):
+                return b.truncate(seq, n)
+            case ClearSeq(seq):
                 b.clear_seq(seq)
-            return None
+                return None
+            case SeqLen(seq):
+                return b.seq_len(seq)
+            case Embed(tokens):
+                return b.embed(tokens)
+            case Reset():
+                for sampler in sorted(self.samplers):
+                    b.free_sampler(sampler)
+                self.samplers.clear()
+                for seq in range(b.info.n_seq_max):
+                    b.clear_seq(seq)
+                return None
         raise TypeError(f"unknown worker command {command!r}")
 
-    def _step(self, command: Step) -> list[tuple[Any, ...] | None]:
+    def _new_sampler(self, spec: SamplerSpec) -> int:
+        sampler = self.backend.new_sampler(spec.params, spec.history)
+        self.samplers.add(sampler)
+        return sampler
+
+    def _step(self, command: Step) -> list[TokenOut | None]:
         ops: list[Prefill | Generate] = []
         created: dict[int, int] = {}  # op index -> sampler created for it
         try:
             for i, op in enumerate(command.ops):
-                if op[0] == "prefill":
-                    ops.append(Prefill(op[1], op[2]))
+                if isinstance(op, Prefill):
+                    ops.append(op)
                     continue
-                sampler = op[2]
-                if not isinstance(sampler, int):  # (config, history): create it now
-                    sampler = self.backend.new_sampler(sampler[0], sampler[1])
-                    self.samplers.add(sampler)
-                    created[i] = sampler
-                ops.append(Generate(op[1], sampler, op[3]))
+                assert isinstance(op, GenerateOp)
+                sampler = op.sampler
+                if isinstance(sampler, SamplerSpec):
+                    sampler = created[i] = self._new_sampler(sampler)
+                ops.append(Generate(op.seq, sampler, op.pending))
             results = self.backend.step(ops)
         except BaseException:
             for sampler in created.values():
                 self.samplers.discard(sampler)
                 self.backend.free_sampler(sampler)
             raise
-        out: list[tuple[Any, ...] | None] = []
+        out: list[TokenOut | None] = []
         for i, result in enumerate(results):
             if result is None:
                 out.append(None)
                 continue
             piece = b"" if result.eog else self.backend.token_piece(result.token)
-            if i in created:
-                out.append((result.token, result.eog, piece, created[i]))
-            else:
-                out.append((result.token, result.eog, piece))
+            out.append(TokenOut(result.token, result.eog, piece, created.get(i)))
         return out
 
 
@@ -212,13 +222,13 @@ def worker_main(channel: Channel, spec: WorkerSpec) -> None:
     try:
         backend = load_backend(spec)
     except ErllamaError as exc:
-        channel.send(("load_failed", str(exc)))
+        channel.send(LoadFailed(str(exc)))
         return
     except Exception as exc:
-        channel.send(("load_failed", f"{type(exc).__name__}: {exc}"))
+        channel.send(LoadFailed(f"{type(exc).__name__}: {exc}"))
         return
     try:
-        channel.send(("ready", backend.info.to_dict()))
+        channel.send(Ready(backend.info))
         _Server(channel, backend).serve()
     finally:
         backend.close()

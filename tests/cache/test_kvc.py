@@ -30,6 +30,7 @@ from erllama_py.cache.kvc import (
     HIT_COUNT_OFFSET,
     MAGIC,
     MAX_META_LEN,
+    REASON_BYTES,
     RowHeader,
     SaveReason,
     build_prefix,
@@ -183,13 +184,13 @@ def test_build_prefix_encoded_equals_build_prefix() -> None:
 @pytest.mark.parametrize("reason", list(SaveReason), ids=lambda r: r.name.lower())
 def test_save_reason_is_one_byte_at_offset_6(reason: SaveReason) -> None:
     by_enum, key = _row(reason=reason)
-    assert by_enum[6] == reason.value
-    assert _row(reason=reason.name.lower())[0] == by_enum
+    assert by_enum[6] == REASON_BYTES[reason]
+    assert _row(reason=reason.value)[0] == by_enum
     assert parse(by_enum, key)[0].reason is reason
 
 
 def test_save_reason_numbering_is_stable() -> None:
-    assert [(r.name, r.value) for r in SaveReason] == [
+    assert [(r.name, REASON_BYTES[r]) for r in SaveReason] == [
         ("COLD", 1), ("CONTINUED", 2), ("FINISH", 3), ("EVICT", 4), ("SHUTDOWN", 5),
     ]  # fmt: skip
 
@@ -207,7 +208,7 @@ def test_header_fields_sit_at_their_documented_offsets() -> None:
     n_tokens, meta_len = _sizes(row)
     assert row[0:4] == MAGIC == b"EKVC"
     assert struct.unpack_from("<H", row, 4)[0] == 1
-    assert row[6] == SaveReason.COLD
+    assert row[6] == REASON_BYTES[SaveReason.COLD]
     assert row[7] == 0
     assert struct.unpack_from("<I", row, HIT_COUNT_OFFSET)[0] == 0
     assert n_tokens == len(TOKENS)

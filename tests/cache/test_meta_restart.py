@@ -18,7 +18,7 @@ import pykka
 import pytest
 
 from erllama_py.cache import CacheHandle, Namespace, key_hex, kvc
-from erllama_py.cache.shared import tier_actor_name
+from erllama_py.cache.state import tier_actor_name
 from erllama_py.errors import CacheError
 from supervisors import ChildInfo, tree, which_children
 

@@ -6,7 +6,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from erllama_py.model.planner import plan_tick, prefill_limit
-from erllama_py.model.request import Request, RequestSink
+from erllama_py.model.protocol import GenerateOp, Prefill
+from erllama_py.model.request import Request, RequestState, TokenPrompt
 from erllama_py.params import RequestOptions
 
 
@@ -19,8 +20,11 @@ def _request(
     pending: int | None = None,
     cold_save_at: int | None = None,
     end_save_at: int | None = None,
-) -> Request:
-    r = Request(prompt=list(range(context + cursor)), options=RequestOptions(), sink=RequestSink())
+    prefill_only: bool = False,
+) -> RequestState:
+    prompt = tuple(range(context + cursor))
+    request = Request(TokenPrompt(prompt), RequestOptions(), prefill_only=prefill_only)
+    r = RequestState(request, prompt=list(prompt))
     r.seq = seq
     r.sampler = sampler
     r.context = list(range(context))
@@ -37,8 +41,8 @@ def test_generating_requests_come_first_and_prefills_share_the_rest() -> None:
     first = _request(1, cursor=100)
     second = _request(2, cursor=100)
     plan = plan_tick([first, gen, second], n_batch=128, chunk=512)
-    assert [p.op[0] for p in plan] == ["gen", "prefill", "prefill"]
-    assert plan[0].op == ("gen", 0, 1, 7)
+    assert [type(p.op) for p in plan] == [GenerateOp, Prefill, Prefill]
+    assert plan[0].op == GenerateOp(0, 1, 7)
     assert [p.n for p in plan[1:]] == [100, 27]
 
 
@@ -69,8 +73,7 @@ def test_deterministic_mode_prefills_alone_in_n_batch_aligned_chunks() -> None:
 def test_finishing_requests_and_prefill_only_requests_do_not_generate() -> None:
     done = _request(0, context=5)
     done.finishing = True
-    warm = _request(1, context=5)
-    warm.prefill_only = True
+    warm = _request(1, context=5, prefill_only=True)
     assert plan_tick([done, warm], n_batch=64, chunk=64) == []
 
 
@@ -88,13 +91,13 @@ def test_a_tick_never_exceeds_n_batch_tokens(
         for i, c in enumerate(cursors)
     ]
     plan = plan_tick(requests, n_batch=n_batch, chunk=chunk, deterministic=deterministic)
-    tokens = sum(p.n for p in plan if p.op[0] == "prefill")
-    tokens += sum(1 for p in plan if p.op[0] == "gen" and p.op[3] is not None)
+    tokens = sum(p.n for p in plan if isinstance(p.op, Prefill))
+    tokens += sum(1 for p in plan if isinstance(p.op, GenerateOp) and p.op.pending is not None)
     assert tokens <= n_batch
     assert len({p.request.seq for p in plan}) == len(plan)
     if any(cursors):
-        assert any(p.op[0] == "prefill" for p in plan)
+        assert any(isinstance(p.op, Prefill) for p in plan)
     if deterministic:
         for p in plan:
-            if p.op[0] == "prefill":
+            if isinstance(p.op, Prefill):
                 assert (len(p.request.context) + p.n) % n_batch == 0 or p.n == len(p.request.cursor)

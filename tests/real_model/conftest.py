@@ -153,9 +153,9 @@ class RealModel:
 
     def tier_hits(self, kind: str) -> int:
         """Hits served so far by the `kind` tier (the runtime has one tier of each kind)."""
-        for tier in self.rt.counters()["tiers"]:
-            if tier["kind"] == kind:
-                return int(tier["hits"])
+        for tier in self.rt.counters().tiers:
+            if tier.kind == kind:
+                return int(tier.hits)
         raise AssertionError(f"no {kind} tier in the counters")
 
     @property

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import psutil
 import pytest
 
-from erllama_py import ModelNotFoundError
+from erllama_py import CacheHit, ModelNotFoundError
 
 if TYPE_CHECKING:
     from conftest import RealModel
@@ -42,8 +42,8 @@ SCHEMA: dict[str, Any] = {
 
 
 def share(result: dict[str, Any]) -> float:
-    usage = result["usage"]
-    return float(usage["cached_tokens"]) / float(usage["prompt_tokens"])
+    usage = result.usage
+    return float(usage.cached_tokens) / float(usage.prompt_tokens)
 
 
 # ---------------------------------------------------------------- model lifecycle
@@ -55,29 +55,29 @@ def test_a_model_loads_reports_its_info_and_unloads(real: RealModel) -> None:
         "extra", model_path=real.path, n_ctx=real.n_ctx, n_batch=real.n_batch, n_threads=2
     )
     try:
-        assert "extra" in [m["name"] for m in rt.models()]
+        assert "extra" in [m.name for m in rt.models()]
         info = rt.model_info("extra")
-        assert info["name"] == "extra"
-        assert info["status"] == "loaded"
-        assert info["phase"] == "idle"
-        assert info["backend"] == "llama"
-        assert info["n_ctx"] == real.n_ctx
-        assert info["n_batch"] == real.n_batch
-        assert info["n_vocab"] > 0
-        assert info["path"] == str(real.path)
-        assert len(info["fingerprint"]) == 64
-        assert info["worker"]["state"] == "running"
-        pid = info["worker"]["pid"]
+        assert info.name == "extra"
+        assert info.status == "loaded"
+        assert info.phase == "idle"
+        assert info.backend == "llama"
+        assert info.n_ctx == real.n_ctx
+        assert info.n_batch == real.n_batch
+        assert info.n_vocab > 0
+        assert info.path == str(real.path)
+        assert len(info.fingerprint) == 64
+        assert info.worker.state == "running"
+        pid = info.worker.pid
         assert psutil.pid_exists(pid)
-        json.dumps(info)
+        json.dumps(info.to_dict())
         if not real.custom:
-            assert info["n_vocab"] == 262144
-            assert info["quant"] == "q4_k_m"
-            assert info["n_swa"] == 512
-            assert info["chat_template"] is False  # gemma-3-270m ships none
+            assert info.n_vocab == 262144
+            assert info.quant == "q4_k_m"
+            assert info.n_swa == 512
+            assert info.chat_template is False  # gemma-3-270m ships none
     finally:
         rt.unload("extra")
-    assert "extra" not in [m["name"] for m in rt.models()]
+    assert "extra" not in [m.name for m in rt.models()]
     with pytest.raises(ModelNotFoundError):
         rt.model_info("extra")
     deadline = time.monotonic() + 10.0
@@ -98,10 +98,10 @@ def test_tokenize_and_detokenize_round_trip(real: RealModel) -> None:
 
 def test_a_completion_is_not_empty(real: RealModel) -> None:
     result = real.rt.complete(real.main, "The capital of France is", max_tokens=4)
-    assert result["text"].strip()
-    assert 1 <= result["usage"]["completion_tokens"] <= 4
-    assert result["finish_reason"] in ("length", "stop")
-    json.dumps(result)
+    assert result.text.strip()
+    assert 1 <= result.usage.completion_tokens <= 4
+    assert result.finish_reason in ("length", "stop")
+    json.dumps(result.to_dict())
 
 
 # ---------------------------------------------------------------- chat template
@@ -112,17 +112,17 @@ def test_the_chat_template_renders_and_a_system_message_makes_it_longer(real: Re
     system = [{"role": "system", "content": "Answer in one short sentence."}, *user]
     plain = real.rt.chat(real.main, user, max_tokens=0)
     with_system = real.rt.chat(real.main, system, max_tokens=0)
-    assert plain["usage"]["prompt_tokens"] > len(real.tokens(user[0]["content"]))
-    assert with_system["usage"]["prompt_tokens"] > plain["usage"]["prompt_tokens"]
+    assert plain.usage.prompt_tokens > len(real.tokens(user[0]["content"]))
+    assert with_system.usage.prompt_tokens > plain.usage.prompt_tokens
     if not real.custom:
         # gemma-3-270m has no template in its metadata: the "gemma" fallback renders it.
-        assert real.rt.model_info(real.main)["chat_template"] is False
+        assert real.rt.model_info(real.main).chat_template is False
         named = real.rt.chat(real.main, user, template="gemma", max_tokens=0)
         other = real.rt.chat(real.main, user, template="chatml", max_tokens=0)
-        assert named["usage"]["prompt_tokens"] == plain["usage"]["prompt_tokens"]
-        assert other["usage"]["prompt_tokens"] != plain["usage"]["prompt_tokens"]
+        assert named.usage.prompt_tokens == plain.usage.prompt_tokens
+        assert other.usage.prompt_tokens != plain.usage.prompt_tokens
     answer = real.rt.chat(real.main, user, max_tokens=8)
-    assert answer["usage"]["completion_tokens"] >= 1
+    assert answer.usage.completion_tokens >= 1
 
 
 # ---------------------------------------------------------------- constrained sampling
@@ -132,7 +132,7 @@ def test_a_grammar_constrains_the_output_to_yes_or_no(real: RealModel) -> None:
     result = real.rt.complete(
         real.main, "Is water wet? Answer yes or no:", grammar=YES_NO, max_tokens=4
     )
-    assert result["text"].strip() in ("yes", "no")
+    assert result.text.strip() in ("yes", "no")
 
 
 def test_a_grammar_with_a_seeded_sampler_is_constrained_and_deterministic(
@@ -140,9 +140,9 @@ def test_a_grammar_with_a_seeded_sampler_is_constrained_and_deterministic(
 ) -> None:
     prompt = "Is the moon made of cheese? Answer:"
     runs = [
-        real.rt.complete(real.main, prompt, grammar=YES_NO, temperature=0.7, seed=7, max_tokens=4)[
-            "text"
-        ]
+        real.rt.complete(
+            real.main, prompt, grammar=YES_NO, temperature=0.7, seed=7, max_tokens=4
+        ).text
         for _ in range(2)
     ]
     assert runs[0].strip() in ("yes", "no")
@@ -154,7 +154,7 @@ def test_a_request_after_a_grammar_request_is_unconstrained(real: RealModel) -> 
     before = real.rt.complete(real.main, prompt, max_tokens=8)
     real.rt.complete(real.main, prompt, grammar=YES_NO, max_tokens=4)
     after = real.rt.complete(real.main, prompt, max_tokens=8)
-    assert after["tokens"] == before["tokens"]
+    assert after.tokens == before.tokens
 
 
 def test_json_schema_output_parses_and_matches_the_schema(real: RealModel) -> None:
@@ -167,11 +167,11 @@ def test_json_schema_output_parses_and_matches_the_schema(real: RealModel) -> No
     )
     elapsed = time.perf_counter() - started
     real.report(
-        f"json_schema: {result['usage']['completion_tokens']} tokens in {elapsed:.2f} s "
-        f"({1000 * elapsed / max(1, result['usage']['completion_tokens']):.0f} ms/token)"
+        f"json_schema: {result.usage.completion_tokens} tokens in {elapsed:.2f} s "
+        f"({1000 * elapsed / max(1, result.usage.completion_tokens):.0f} ms/token)"
     )
-    assert result["finish_reason"] == "stop", result["text"]
-    value = json.loads(result["text"])
+    assert result.finish_reason == "stop", result.text
+    value = json.loads(result.text)
     assert set(value) == {"answer", "count"}
     assert value["answer"] in ("yes", "no")
     assert isinstance(value["count"], int)
@@ -185,15 +185,15 @@ def test_the_same_seed_gives_the_same_text_at_temperature_0_9(real: RealModel) -
         real.rt.complete(real.main, "Once upon a time", temperature=0.9, seed=42, max_tokens=12)
         for _ in range(2)
     ]
-    assert runs[0]["text"]
-    assert runs[0]["tokens"] == runs[1]["tokens"]
+    assert runs[0].text
+    assert runs[0].tokens == runs[1].tokens
 
 
 def test_different_seeds_give_different_text(real: RealModel) -> None:
     texts = {
-        real.rt.complete(real.main, "Once upon a time", temperature=0.9, seed=seed, max_tokens=12)[
-            "text"
-        ]
+        real.rt.complete(
+            real.main, "Once upon a time", temperature=0.9, seed=seed, max_tokens=12
+        ).text
         for seed in (42, 99, 7)
     }
     assert len(texts) >= 2
@@ -203,7 +203,7 @@ def test_temperature_zero_ignores_the_seed(real: RealModel) -> None:
     a = real.rt.complete(real.main, "Once upon a time", temperature=0.0, seed=1, max_tokens=12)
     b = real.rt.complete(real.main, "Once upon a time", temperature=0.0, seed=2, max_tokens=12)
     c = real.rt.complete(real.main, "Once upon a time", max_tokens=12)
-    assert a["tokens"] == b["tokens"] == c["tokens"]
+    assert a.tokens == b.tokens == c.tokens
 
 
 # ---------------------------------------------------------------- the cache, per tier
@@ -214,19 +214,19 @@ def test_a_warm_exact_hit_equals_the_cold_run_on_each_tier(real: RealModel, kind
     model = real.tier(kind)
     prompt = real.passage(f"Warm start on {kind}", 70)
     cold = real.rt.complete(model, prompt, max_tokens=16)
-    assert cold["cache"]["kind"] == "cold"
-    assert cold["usage"]["prompt_tokens"] > 600, "past the sliding window"
+    assert cold.cache.kind == "cold"
+    assert cold.usage.prompt_tokens > 600, "past the sliding window"
     real.rt.cache.wait_idle(30.0)
     hits = real.tier_hits(kind)
     warm = real.rt.complete(model, prompt, max_tokens=16)
-    assert warm["cache"] == {"kind": "exact", "prefix_len": cold["usage"]["prompt_tokens"]}
-    assert warm["usage"]["cached_tokens"] == cold["usage"]["prompt_tokens"]
+    assert warm.cache == CacheHit("exact", cold.usage.prompt_tokens)
+    assert warm.usage.cached_tokens == cold.usage.prompt_tokens
     assert real.tier_hits(kind) == hits + 1, f"the hit did not come from the {kind} tier"
-    assert warm["tokens"] == cold["tokens"]
-    assert warm["text"] == cold["text"]
-    c, w = cold["timings"]["ttft_ms"], warm["timings"]["ttft_ms"]
+    assert warm.tokens == cold.tokens
+    assert warm.text == cold.text
+    c, w = cold.timings.ttft_ms, warm.timings.ttft_ms
     real.report(
-        f"exact hit, {kind}: {cold['usage']['prompt_tokens']} tokens, ttft cold {c:.1f} ms, "
+        f"exact hit, {kind}: {cold.usage.prompt_tokens} tokens, ttft cold {c:.1f} ms, "
         f"warm {w:.1f} ms, {c / w:.0f}x"
     )
 
@@ -243,24 +243,24 @@ def test_stop_and_resume_with_parent_key_equals_one_uninterrupted_run(
     model = real.tier(kind)
     prompt = real.passage(f"Resume on {kind} {'seeded' if sampling else 'greedy'}", 30)
     whole = real.rt.complete(model, prompt, max_tokens=24, **sampling)
-    assert whole["usage"]["prompt_tokens"] + 24 < 512, "within the sliding window"
-    assert len(whole["tokens"]) == 24, "the model stopped early; pick another prompt"
+    assert whole.usage.prompt_tokens + 24 < 512, "within the sliding window"
+    assert len(whole.tokens) == 24, "the model stopped early; pick another prompt"
     first = real.rt.complete(model, prompt, max_tokens=10, **sampling)
-    assert first["tokens"] == whole["tokens"][:10]
-    assert first["finish_key"] is not None
+    assert first.tokens == whole.tokens[:10]
+    assert first.finish_key is not None
     real.rt.cache.wait_idle(30.0)
     hits = real.tier_hits(kind)
     resumed = real.rt.complete(
         model,
-        real.tokens(prompt) + first["tokens"],
+        real.tokens(prompt) + first.tokens,
         max_tokens=14,
-        parent_key=first["finish_key"],
+        parent_key=first.finish_key,
         **sampling,
     )
-    assert resumed["cache"]["kind"] == "parent"
-    assert resumed["usage"]["cached_tokens"] >= first["usage"]["prompt_tokens"] + 9
+    assert resumed.cache.kind == "parent"
+    assert resumed.usage.cached_tokens >= first.usage.prompt_tokens + 9
     assert real.tier_hits(kind) == hits + 1, f"the resume did not come from the {kind} tier"
-    assert first["tokens"] + resumed["tokens"] == whole["tokens"]
+    assert first.tokens + resumed.tokens == whole.tokens
 
 
 def test_past_the_sliding_window_a_greedy_resume_is_exact_and_seeded_agreement_is_measured(
@@ -278,21 +278,21 @@ def test_past_the_sliding_window_a_greedy_resume_is_exact_and_seeded_agreement_i
         sampling = {"temperature": 0.8, "seed": seed}
         for options in ({}, sampling):
             whole = real.rt.complete(real.main, prompt, max_tokens=24, **options)
-            assert whole["usage"]["prompt_tokens"] > 600
+            assert whole.usage.prompt_tokens > 600
             first = real.rt.complete(real.main, prompt, max_tokens=10, **options)
-            assert first["tokens"] == whole["tokens"][:10], "an exact hit continues the cold run"
+            assert first.tokens == whole.tokens[:10], "an exact hit continues the cold run"
             resumed = real.rt.complete(
                 real.main,
-                real.tokens(prompt) + first["tokens"],
+                real.tokens(prompt) + first.tokens,
                 max_tokens=14,
-                parent_key=first["finish_key"],
+                parent_key=first.finish_key,
                 **options,
             )
-            assert resumed["cache"]["kind"] == "parent"
+            assert resumed.cache.kind == "parent"
             if options:
-                agree += first["tokens"] + resumed["tokens"] == whole["tokens"]
+                agree += first.tokens + resumed.tokens == whole.tokens
             else:
-                assert first["tokens"] + resumed["tokens"] == whole["tokens"]
+                assert first.tokens + resumed.tokens == whole.tokens
     real.report(f"seeded resume past the window: {agree} of 4 runs equal to one uninterrupted run")
 
 
@@ -300,13 +300,13 @@ def test_a_prompt_extending_a_saved_one_is_a_prefix_hit(real: RealModel) -> None
     saved = real.passage("Prefix hit", 14)
     first = real.rt.complete(real.main, saved, max_tokens=4)
     real.rt.cache.wait_idle(30.0)
-    n = first["usage"]["prompt_tokens"]
+    n = first.usage.prompt_tokens
     longer = real.rt.complete(real.main, saved + " Then the harbor froze for a week.", max_tokens=4)
-    assert longer["cache"]["kind"] == "prefix"
-    assert longer["usage"]["prompt_tokens"] > n
+    assert longer.cache.kind == "prefix"
+    assert longer.usage.prompt_tokens > n
     # The saved prompt's tokens are a prefix of the longer prompt's (it ends on a period).
-    assert longer["usage"]["cached_tokens"] == longer["cache"]["prefix_len"] == n
-    real.report(f"prefix hit: {n} of {longer['usage']['prompt_tokens']} prompt tokens restored")
+    assert longer.usage.cached_tokens == longer.cache.prefix_len == n
+    real.report(f"prefix hit: {n} of {longer.usage.prompt_tokens} prompt tokens restored")
 
 
 # ---------------------------------------------------------------- exactness across paths
@@ -320,11 +320,11 @@ def _hits_equal_to_cold_runs(
     kinds = []
     for prompt in prompts:
         expected = real.rt.complete(reference, prompt, max_tokens=12)
-        assert expected["cache"]["kind"] == "cold"
+        assert expected.cache.kind == "cold"
         got = real.rt.complete(model, prompt, max_tokens=12)
         real.rt.cache.wait_idle(30.0)
-        kinds.append(f"{got['cache']['kind']}:{got['usage']['cached_tokens']}")
-        assert got["tokens"] == expected["tokens"], f"{len(prompt)} tokens, {got['cache']}"
+        kinds.append(f"{got.cache.kind}:{got.usage.cached_tokens}")
+        assert got.tokens == expected.tokens, f"{len(prompt)} tokens, {got.cache}"
     return kinds
 
 
@@ -368,16 +368,16 @@ def test_prefill_in_batches_of_64_gives_the_greedy_output_of_one_batch(real: Rea
     aligned = real.tokens(real.passage("Chunked prefill", 40))[:320]
     one = real.rt.complete(real.main, aligned, max_tokens=16)
     chunked = real.rt.complete(real.reference, aligned, max_tokens=16)
-    assert one["cache"]["kind"] == chunked["cache"]["kind"] == "cold"
-    assert chunked["tokens"] == one["tokens"]
+    assert one.cache.kind == chunked.cache.kind == "cold"
+    assert chunked.tokens == one.tokens
     # A 300-token prompt ends with a 44-token batch: measured, not asserted.
     ragged = real.tokens(real.passage("Ragged prefill", 40))[:300]
     a = real.rt.complete(real.main, ragged, max_tokens=16)
     b = real.rt.complete(real.reference, ragged, max_tokens=16)
-    same = sum(1 for x, y in zip(a["tokens"], b["tokens"], strict=False) if x == y)
-    verdict = "identical" if a["tokens"] == b["tokens"] else "differs"
+    same = sum(1 for x, y in zip(a.tokens, b.tokens, strict=False) if x == y)
+    verdict = "identical" if a.tokens == b.tokens else "differs"
     real.report(
-        f"chunked prefill: 320 tokens as 5x64 == 1x320: {chunked['tokens'] == one['tokens']}; "
+        f"chunked prefill: 320 tokens as 5x64 == 1x320: {chunked.tokens == one.tokens}; "
         f"300 tokens as 4x64+44 vs 1x300: {verdict} ({same} of 16 tokens agree by position)"
     )
 
@@ -398,13 +398,13 @@ def test_a_multi_turn_chat_restores_the_previous_turn(real: RealModel) -> None:
         messages.append({"role": "user", "content": question})
         result = real.rt.chat(real.main, messages, max_tokens=16)
         real.rt.cache.wait_idle(30.0)
-        messages.append({"role": "assistant", "content": result["text"]})
+        messages.append({"role": "assistant", "content": result.text})
         shares.append(share(result))
         if turn == 0:
-            assert result["cache"]["kind"] == "cold"
+            assert result.cache.kind == "cold"
         else:
-            assert result["cache"]["kind"] != "cold", f"turn {turn + 1} was cold"
-            assert result["usage"]["cached_tokens"] > 0
+            assert result.cache.kind != "cold", f"turn {turn + 1} was cold"
+            assert result.usage.cached_tokens > 0
     real.report(
         "multi-turn chat, cached share of prompt tokens by turn: "
         + ", ".join(f"{s:.0%}" for s in shares)

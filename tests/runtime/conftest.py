@@ -29,7 +29,7 @@ import psutil
 import pytest
 
 import erllama_py
-from erllama_py import Runtime
+from erllama_py import ModelInfo, Runtime
 from erllama_py.model.testmodel import write_test_model
 
 ModelKind = Literal["stub", "tiny"]
@@ -199,15 +199,15 @@ class Model:
     rt: Runtime
     name: str
     kind: ModelKind
-    info: dict[str, Any]
+    info: ModelInfo
 
     @property
     def n_vocab(self) -> int:
-        return int(self.info["n_vocab"])
+        return int(self.info.n_vocab)
 
     @property
     def n_ctx(self) -> int:
-        return int(self.info["n_ctx"])
+        return int(self.info.n_ctx)
 
     def complete(self, prompt: str | list[int], **options: Any) -> dict[str, Any]:
         return self.rt.complete(self.name, prompt, **options)
@@ -215,11 +215,11 @@ class Model:
     def tokens(self, text: str, add_special: bool = True) -> list[int]:
         return self.rt.tokenize(self.name, text, add_special)
 
-    def info_now(self) -> dict[str, Any]:
+    def info_now(self) -> ModelInfo:
         return self.rt.model_info(self.name)
 
     def worker_pid(self) -> int:
-        pid = self.rt.model_info(self.name)["worker"]["pid"]
+        pid = self.rt.model_info(self.name).worker.pid
         assert isinstance(pid, int), f"model {self.name} has no running worker"
         return pid
 
@@ -247,7 +247,7 @@ def load(tiny_model_path: Path) -> Load:
         opts = load_options(kind, tiny_model_path, **options)
         if reference:
             opts = _isolated(opts)
-        info = rt.load_model(name, **opts)
+        info = rt.load_model(name, **opts).info()
         return Model(rt, name, kind, info)
 
     return do
@@ -279,9 +279,9 @@ def _assert_cache_sound(rt: Runtime) -> int:
     assert rt.cache.check() == []
     loaded = 0
     for row in rt.cache_rows():
-        if row["status"] != "available":
+        if row.status != "available":
             continue
-        payload = rt.cache.fetch(bytes.fromhex(row["key"]))
+        payload = rt.cache.fetch(row.key)
         assert payload, f"row {row} does not load"
         loaded += 1
     return loaded

@@ -1,8 +1,9 @@
 """The public API of a running runtime: every call, its validation, and its results.
 
 Each call either answers or raises a clear `ErllamaError` at once (never a hang, never a
-dead model: the model serves the next request). Results, infos, counters, rows and the
-tree are plain JSON-serialisable data. Runs on the stub and on the tiny llama model.
+dead model: the model serves the next request). Results, infos, counters and rows are
+frozen, typed objects whose ``to_dict()`` is plain JSON; the tree is JSON already. Runs on
+the stub and on the tiny llama model.
 """
 
 from __future__ import annotations
@@ -17,8 +18,12 @@ import pytest
 
 import erllama_py
 from erllama_py import (
+    CacheHit,
+    Completion,
     ConfigError,
     ContextOverflowError,
+    FinishReason,
+    HitKind,
     InvalidRequestError,
     ModelAlreadyLoadedError,
     ModelLoadError,
@@ -71,30 +76,35 @@ def forced(text: str) -> str:
     return f'root ::= "{text}"'
 
 
-def assert_result_shape(result: dict[str, Any], prompt_len: int) -> None:
-    assert set(result) == RESULT_KEYS
-    assert isinstance(result["text"], str)
-    assert isinstance(result["tokens"], list) and all(isinstance(t, int) for t in result["tokens"])
-    assert result["finish_reason"] in ("stop", "length", "cancelled")
-    key = result["finish_key"]
+def assert_result_shape(result: Completion, prompt_len: int) -> None:
+    assert isinstance(result, Completion)
+    assert isinstance(result.text, str)
+    assert isinstance(result.tokens, list) and all(isinstance(t, int) for t in result.tokens)
+    assert isinstance(result.finish_reason, FinishReason)
+    assert result.finish_reason in ("stop", "length", "cancelled")
+    key = result.finish_key
     assert key is None or (isinstance(key, str) and len(bytes.fromhex(key)) == 16)
-    usage = result["usage"]
-    assert usage["prompt_tokens"] == prompt_len
-    assert usage["completion_tokens"] == len(result["tokens"])
-    assert usage["total_tokens"] == prompt_len + len(result["tokens"])
-    assert usage["cached_tokens"] == result["cache"]["prefix_len"]
-    assert result["cache"]["kind"] in ("exact", "parent", "prefix", "cold")
-    assert 0 <= result["cache"]["prefix_len"] <= prompt_len
-    timings = result["timings"]
-    assert set(timings) == TIMING_KEYS
-    for name, value in timings.items():
-        if name == "ttft_ms" and not result["tokens"]:
+    usage = result.usage
+    assert usage.prompt_tokens == prompt_len
+    assert usage.completion_tokens == len(result.tokens)
+    assert usage.total_tokens == prompt_len + len(result.tokens)
+    assert usage.cached_tokens == result.cache.prefix_len
+    assert isinstance(result.cache.kind, HitKind)
+    assert 0 <= result.cache.prefix_len <= prompt_len
+    timings = result.timings
+    for name, value in timings.to_dict().items():
+        if name == "ttft_ms" and not result.tokens:
             continue
         assert isinstance(value, float) and value >= 0.0, (name, value)
     # queue, then prefill (or restore), then decode: the phases add up to the total.
-    phases = timings["queue_ms"] + timings["prefill_ms"] + timings["decode_ms"]
-    assert phases == pytest.approx(timings["total_ms"], abs=0.05)
-    assert json.loads(json.dumps(result)) == result
+    phases = timings.queue_ms + timings.prefill_ms + timings.decode_ms
+    assert phases == pytest.approx(timings.total_ms, abs=0.05)
+    # The JSON form: today's shape, and plain JSON (enums become their strings).
+    data = result.to_dict()
+    assert set(data) == RESULT_KEYS
+    assert set(data["timings"]) == TIMING_KEYS
+    assert json.loads(json.dumps(data)) == data
+    assert type(data["finish_reason"]) is str and type(data["cache"]["kind"]) is str
 
 
 # --------------------------------------------------------------------------- results
@@ -104,12 +114,12 @@ def test_a_completion_result_is_a_json_dict_of_the_documented_shape(served):
     prompt = served.tokens("the red cat and the blue dog")
     result = served.complete("the red cat and the blue dog", max_tokens=6)
     assert_result_shape(result, len(prompt))
-    assert result["model"] == served.name
-    assert result["finish_reason"] == "length"
-    assert len(result["tokens"]) == 6
-    assert result["text"] == served.rt.detokenize(served.name, result["tokens"])
-    assert result["finish_key"] is not None
-    assert result["timings"]["prefill_ms"] > 0.0
+    assert result.model == served.name
+    assert result.finish_reason == "length"
+    assert len(result.tokens) == 6
+    assert result.text == served.rt.detokenize(served.name, result.tokens)
+    assert result.finish_key is not None
+    assert result.timings.prefill_ms > 0.0
 
 
 def test_an_exact_hit_reports_its_time_as_restore_and_decode_not_prefill(served, wait_until):
@@ -117,63 +127,63 @@ def test_an_exact_hit_reports_its_time_as_restore_and_decode_not_prefill(served,
     served.complete(text, max_tokens=5)
     served.rt.cache.wait_idle()
     hit = served.complete(text, max_tokens=5)
-    assert hit["cache"]["kind"] == "exact"
+    assert hit.cache.kind == "exact"
     assert_result_shape(hit, len(served.tokens(text)))
-    assert hit["timings"]["decode_ms"] > 0.0
-    assert hit["timings"]["prefill_ms"] <= hit["timings"]["restore_ms"] + 1.0
+    assert hit.timings.decode_ms > 0.0
+    assert hit.timings.prefill_ms <= hit.timings.restore_ms + 1.0
 
 
 def test_generation_ending_on_an_end_of_generation_token_finishes_with_stop(rt, load):
     stub = load(rt, "stub", "eog", stub={"eog_after": 3})
     result = stub.complete("hello world", max_tokens=10)
-    assert result["finish_reason"] == "stop"
-    assert len(result["tokens"]) == 3
-    assert result["stop_sequence"] is None
+    assert result.finish_reason == "stop"
+    assert len(result.tokens) == 3
+    assert result.stop_sequence is None
 
 
 def test_generation_ending_by_grammar_finishes_with_stop_on_the_tiny_model(served_models):
     tiny = served_models["tiny"]
     result = tiny.complete("hello", max_tokens=40, grammar=forced("yes"))
-    assert result["text"] == "yes"
-    assert result["finish_reason"] == "stop"
+    assert result.text == "yes"
+    assert result.finish_reason == "stop"
 
 
 def test_generation_without_max_tokens_stops_when_the_context_is_full(served):
     prompt = [1] + [5 + i % 300 for i in range(served.n_ctx - 11)]
     result = served.complete(prompt, max_tokens=None)
     assert_result_shape(result, len(prompt))
-    assert result["usage"]["total_tokens"] <= served.n_ctx
-    if served.kind == "stub" or result["finish_reason"] == "length":
-        assert result["finish_reason"] == "length"
-        assert result["usage"]["total_tokens"] == served.n_ctx
-    assert served.complete("the cat", max_tokens=2)["tokens"]
+    assert result.usage.total_tokens <= served.n_ctx
+    if served.kind == "stub" or result.finish_reason == "length":
+        assert result.finish_reason == "length"
+        assert result.usage.total_tokens == served.n_ctx
+    assert served.complete("the cat", max_tokens=2).tokens
 
 
 def test_max_tokens_zero_generates_nothing_and_still_saves_the_prompt(served):
     prompt = served.tokens("a slow blue tree")
     result = served.complete(prompt, max_tokens=0)
     assert_result_shape(result, len(prompt))
-    assert result["tokens"] == [] and result["text"] == ""
-    assert result["finish_reason"] == "length"
+    assert result.tokens == [] and result.text == ""
+    assert result.finish_reason == "length"
     served.rt.cache.wait_idle()
-    assert served.complete(prompt, max_tokens=1)["cache"]["kind"] == "exact"
+    assert served.complete(prompt, max_tokens=1).cache.kind == "exact"
 
 
 def test_a_token_list_prompt_is_used_as_given_without_a_bos(served):
     text = "one two three green sky"
     with_bos = served.tokens(text)
-    assert with_bos[0] == served.info["bos"]
+    assert with_bos[0] == served.info.bos
     from_text = served.complete(text, max_tokens=4)
     from_tokens = served.complete(with_bos, max_tokens=4)
-    assert from_tokens["usage"]["prompt_tokens"] == len(with_bos)
-    assert from_tokens["tokens"] == from_text["tokens"]
+    assert from_tokens.usage.prompt_tokens == len(with_bos)
+    assert from_tokens.tokens == from_text.tokens
     served.rt.cache.wait_idle()
     # Same tokens, same key: had a second BOS been added, this would not be a hit.
-    assert served.complete(with_bos, max_tokens=1)["cache"]["kind"] == "exact"
+    assert served.complete(with_bos, max_tokens=1).cache.kind == "exact"
     without_bos = with_bos[1:]
     result = served.complete(without_bos, max_tokens=2)
-    assert result["usage"]["prompt_tokens"] == len(without_bos)
-    assert result["cache"]["kind"] != "exact"
+    assert result.usage.prompt_tokens == len(without_bos)
+    assert result.cache.kind != "exact"
 
 
 # --------------------------------------------------------------------------- validation
@@ -321,7 +331,7 @@ def test_an_invalid_call_raises_a_clear_error_and_the_model_keeps_serving(
     else:
         assert info.value.param  # every request error names its parameter
     after = within(lambda: served.complete("the cat", max_tokens=2))
-    assert len(after["tokens"]) == 2
+    assert len(after.tokens) == 2
 
 
 def test_an_invalid_grammar_is_refused_by_llama_cpp_with_its_parser_message(served_models):
@@ -329,7 +339,7 @@ def test_an_invalid_grammar_is_refused_by_llama_cpp_with_its_parser_message(serv
     with pytest.raises(InvalidRequestError, match="grammar") as info:
         within(lambda: tiny.complete("hi", grammar="root ::= ( unclosed"))
     assert info.value.param == "grammar"
-    assert tiny.complete("hi", max_tokens=1)["finish_reason"] == "length"
+    assert tiny.complete("hi", max_tokens=1).finish_reason == "length"
 
 
 def test_an_unknown_chat_template_is_refused_on_the_tiny_model(served_models):
@@ -387,8 +397,8 @@ def test_load_model_refuses_bad_options_a_taken_name_and_a_missing_file(rt, load
         rt.load_model("taken", backend="stub")
     with pytest.raises(ModelLoadError):
         rt.load_model("x", model_path=tmp_path / "missing.gguf")
-    assert [m["name"] for m in rt.models()] == ["taken"]
-    assert rt.complete("taken", "still here", max_tokens=1)["tokens"]
+    assert [m.name for m in rt.models()] == ["taken"]
+    assert rt.complete("taken", "still here", max_tokens=1).tokens
 
 
 def test_astream_and_acomplete_raise_validation_errors_to_the_awaiting_coroutine(served):
@@ -399,7 +409,7 @@ def test_astream_and_acomplete_raise_validation_errors_to_the_awaiting_coroutine
             async for _event in served.rt.astream(served.name, "hi", max_tokens=-1):
                 pass
         result = await served.rt.acomplete(served.name, "the cat", max_tokens=2)
-        assert len(result["tokens"]) == 2
+        assert len(result.tokens) == 2
 
     asyncio.run(main())
 
@@ -409,20 +419,20 @@ def test_astream_and_acomplete_raise_validation_errors_to_the_awaiting_coroutine
 
 def test_stop_sequences_are_trimmed_from_the_text_and_the_stream_on_the_stub(served_models):
     stub = served_models["stub"]
-    full = stub.complete("red tree sky", max_tokens=8)["text"]
+    full = stub.complete("red tree sky", max_tokens=8).text
     pieces = full.split(" ")[1:]
     stop = f" {pieces[3]} {pieces[4][:2]}"
     expected = full[: full.find(stop)]
     result = stub.complete("red tree sky", max_tokens=8, stop=["never-seen", stop])
-    assert result["text"] == expected
-    assert stop not in result["text"]
-    assert result["finish_reason"] == "stop"
-    assert result["stop_sequence"] == stop
-    assert result["finish_key"] is not None
+    assert result.text == expected
+    assert stop not in result.text
+    assert result.finish_reason == "stop"
+    assert result.stop_sequence == stop
+    assert result.finish_key is not None
     events = list(stub.rt.stream(stub.name, "red tree sky", max_tokens=8, stop=[stop]))
-    deltas = [e["text"] for e in events if e["type"] == "delta"]
+    deltas = [e.text for e in events if e.type == "delta"]
     assert "".join(deltas) == expected
-    assert events[-1]["result"]["text"] == expected
+    assert events[-1].completion.text == expected
 
 
 @pytest.mark.parametrize(
@@ -441,15 +451,15 @@ def test_stop_sequences_never_reach_the_text_or_a_stream_delta_on_the_tiny_model
     tiny = served_models["tiny"]
     options = {"max_tokens": 40, "grammar": forced(MULTIBYTE), "stop": stops}
     result = tiny.complete("hello", **options)
-    assert result["text"] == expected
-    assert result["stop_sequence"] == matched
-    assert result["finish_reason"] == "stop"
+    assert result.text == expected
+    assert result.stop_sequence == matched
+    assert result.finish_reason == "stop"
     events = list(tiny.rt.stream(tiny.name, "hello", **options))
-    deltas = [e["text"] for e in events if e["type"] == "delta"]
+    deltas = [e.text for e in events if e.type == "delta"]
     assert "".join(deltas) == expected
     if matched is not None:
         assert not any(matched in d for d in deltas)
-    assert events[-1]["result"]["text"] == expected
+    assert events[-1].completion.text == expected
 
 
 # --------------------------------------------------------------------------- streams
@@ -458,38 +468,38 @@ def test_stop_sequences_never_reach_the_text_or_a_stream_delta_on_the_tiny_model
 def test_stream_deltas_never_split_a_utf8_character(served_models):
     tiny = served_models["tiny"]
     events = list(tiny.rt.stream(tiny.name, "hello", max_tokens=40, grammar=forced(MULTIBYTE)))
-    deltas = [e for e in events if e["type"] == "delta"]
-    assert "".join(d["text"] for d in deltas) == MULTIBYTE
+    deltas = [e for e in events if e.type == "delta"]
+    assert "".join(d.text for d in deltas) == MULTIBYTE
     for delta in deltas:
-        assert "\ufffd" not in delta["text"]
-        delta["text"].encode("utf-8")  # whole characters only (no lone surrogates either)
+        assert "\ufffd" not in delta.text
+        delta.text.encode("utf-8")  # whole characters only (no lone surrogates either)
     # The characters really were split over byte tokens: some tokens came with no text.
-    assert any(d["tokens"] and d["text"] == "" for d in deltas)
+    assert any(d.tokens and d.text == "" for d in deltas)
     assert len(deltas) > len(MULTIBYTE)
 
 
 def test_a_stream_ends_with_exactly_one_done_event_holding_the_result(served):
     events = list(served.rt.stream(served.name, "the dog and the cat", max_tokens=7))
-    kinds = [e["type"] for e in events]
+    kinds = [e.type for e in events]
     assert kinds.count("done") == 1 and kinds[-1] == "done"
     assert set(kinds[:-1]) <= {"delta"}
-    result = events[-1]["result"]
+    result = events[-1].completion
     assert_result_shape(result, len(served.tokens("the dog and the cat")))
     deltas = events[:-1]
-    assert "".join(e["text"] for e in deltas) == result["text"]
-    assert [t for e in deltas for t in e["tokens"]] == result["tokens"]
-    assert json.loads(json.dumps(events)) == events
-    assert result["tokens"] == served.complete("the dog and the cat", max_tokens=7)["tokens"]
+    assert "".join(e.text for e in deltas) == result.text
+    assert [t for e in deltas for t in e.tokens] == result.tokens
+    assert json.loads(json.dumps([e.to_dict() for e in events])) == [e.to_dict() for e in events]
+    assert result.tokens == served.complete("the dog and the cat", max_tokens=7).tokens
 
 
 def test_a_stream_used_as_a_context_manager_cancels_when_the_block_is_left(rt, load, wait_until):
     stub = load(rt, "stub", "slow", stub={"step_delay": 0.01})
     with rt.stream("slow", "the cat", max_tokens=5000) as events:
         first = next(events)
-        assert first["type"] == "delta"
-    wait_until(lambda: rt.model_info("slow")["active"] == 0, "the stream's request ended")
+        assert first.type == "delta"
+    wait_until(lambda: rt.model_info("slow").active == 0, "the stream's request ended")
     assert list(events) == []
-    assert stub.complete("next one", max_tokens=2)["finish_reason"] == "length"
+    assert stub.complete("next one", max_tokens=2).finish_reason == "length"
 
 
 # --------------------------------------------------------------------------- asyncio
@@ -522,8 +532,8 @@ def _tick_while(awaitable_factory: Callable[[], Any]) -> tuple[Any, int]:
 def test_acomplete_does_not_block_the_event_loop(rt, load):
     stub = load(rt, "stub", "slow", stub={"step_delay": 0.01})
     result, ticks = _tick_while(lambda: rt.acomplete("slow", "async cat", max_tokens=20))
-    assert len(result["tokens"]) == 20
-    assert result["tokens"] == stub.complete("async cat", max_tokens=20)["tokens"]
+    assert len(result.tokens) == 20
+    assert result.tokens == stub.complete("async cat", max_tokens=20).tokens
     # 20 steps of at least 10 ms: a loop left free ticks many times meanwhile.
     assert ticks >= 10
 
@@ -532,8 +542,8 @@ def test_achat_does_not_block_the_event_loop(rt, load):
     load(rt, "stub", "slow", stub={"step_delay": 0.01})
     messages = [{"role": "user", "content": "hello there"}]
     result, ticks = _tick_while(lambda: rt.achat("slow", messages, max_tokens=20))
-    assert len(result["tokens"]) == 20
-    assert result["tokens"] == rt.chat("slow", messages, max_tokens=20)["tokens"]
+    assert len(result.tokens) == 20
+    assert result.tokens == rt.chat("slow", messages, max_tokens=20).tokens
     assert ticks >= 10
 
 
@@ -544,8 +554,8 @@ def test_astream_does_not_block_the_event_loop_and_yields_the_stream_events(rt, 
         return [e async for e in rt.astream("slow", "astream cat", max_tokens=20)]
 
     events, ticks = _tick_while(collect)
-    assert [e["type"] for e in events] == ["delta"] * 20 + ["done"]
-    assert events[-1]["result"]["tokens"] == stub.complete("astream cat", max_tokens=20)["tokens"]
+    assert [e.type for e in events] == ["delta"] * 20 + ["done"]
+    assert events[-1].completion.tokens == stub.complete("astream cat", max_tokens=20).tokens
     assert ticks >= 10
 
 
@@ -562,9 +572,9 @@ def test_cancelling_an_acomplete_task_cancels_the_request(rt, load, wait_until):
 
     asyncio.run(main())
     # 5000 tokens would take 50 s: the request must have been stopped.
-    wait_until(lambda: rt.model_info("slow")["active"] == 0, "the cancelled request ended", 5.0)
-    assert rt.model_info("slow")["requests_done"] == 1
-    assert stub.complete("after", max_tokens=2)["finish_reason"] == "length"
+    wait_until(lambda: rt.model_info("slow").active == 0, "the cancelled request ended", 5.0)
+    assert rt.model_info("slow").requests_done == 1
+    assert stub.complete("after", max_tokens=2).finish_reason == "length"
 
 
 def test_breaking_out_of_astream_cancels_the_request(rt, load, wait_until):
@@ -581,8 +591,8 @@ def test_breaking_out_of_astream_cancels_the_request(rt, load, wait_until):
         return seen
 
     assert asyncio.run(main()) == 3
-    wait_until(lambda: rt.model_info("slow")["active"] == 0, "the abandoned stream ended", 5.0)
-    assert rt.complete("slow", "after", max_tokens=1)["tokens"]
+    wait_until(lambda: rt.model_info("slow").active == 0, "the abandoned stream ended", 5.0)
+    assert rt.complete("slow", "after", max_tokens=1).tokens
 
 
 # --------------------------------------------------------------------------- chat
@@ -598,33 +608,32 @@ def test_chat_renders_the_template_of_the_gguf(served_models):
     default = rt.chat("tiny", messages, max_tokens=4)
     chatml = rt.chat("tiny", messages, max_tokens=4, template="chatml")
     other = rt.chat("tiny", messages, max_tokens=4, template="llama2")
-    assert default["usage"]["prompt_tokens"] == chatml["usage"]["prompt_tokens"]
-    assert default["tokens"] == chatml["tokens"]
-    assert other["usage"]["prompt_tokens"] != default["usage"]["prompt_tokens"]
+    assert default.usage.prompt_tokens == chatml.usage.prompt_tokens
+    assert default.tokens == chatml.tokens
+    assert other.usage.prompt_tokens != default.usage.prompt_tokens
     # The template's markers became the special tokens, not their spelling in bytes.
     rendered = (
         "<|im_start|>system\nbe brief<|im_end|>\n<|im_start|>user\nhello world<|im_end|>\n"
         "<|im_start|>assistant\n"
     )
-    assert default["usage"]["prompt_tokens"] < len(tiny.tokens(rendered)) - 20
+    assert default.usage.prompt_tokens < len(tiny.tokens(rendered)) - 20
     stream = list(rt.chat_stream("tiny", messages, max_tokens=4))
-    assert stream[-1]["result"]["tokens"] == default["tokens"]
+    assert stream[-1].completion.tokens == default.tokens
 
 
 def test_chat_falls_back_to_the_named_template_when_the_gguf_has_none(rt, tmp_path):
     path = write_test_model(tmp_path / "no-template.gguf", chat_template=None)
-    info = rt.load_model("plain", model_path=path, n_ctx=256, n_batch=64, n_threads=1)
-    assert info["chat_template"] is None
-    fallback = info["chat_template_fallback"]
+    info = rt.load_model("plain", model_path=path, n_ctx=256, n_batch=64, n_threads=1).info()
+    assert info.chat_template is False
+    fallback = info.chat_template_fallback
     assert fallback
-    assert rt.model_info("plain")["chat_template"] is False
     messages = [{"role": "user", "content": "hello"}]
     default = rt.chat("plain", messages, max_tokens=3)
     named = rt.chat("plain", messages, max_tokens=3, template=fallback)
     chatml = rt.chat("plain", messages, max_tokens=3, template="chatml")
-    assert default["usage"]["prompt_tokens"] == named["usage"]["prompt_tokens"]
-    assert default["tokens"] == named["tokens"]
-    assert chatml["usage"]["prompt_tokens"] != default["usage"]["prompt_tokens"]
+    assert default.usage.prompt_tokens == named.usage.prompt_tokens
+    assert default.tokens == named.tokens
+    assert chatml.usage.prompt_tokens != default.usage.prompt_tokens
 
 
 def test_chat_on_the_stub_is_the_completion_of_its_rendered_conversation(served_models):
@@ -632,8 +641,8 @@ def test_chat_on_the_stub_is_the_completion_of_its_rendered_conversation(served_
     messages = [{"role": "user", "content": "hello there"}, {"role": "bot", "content": "hi"}]
     chat = stub.rt.chat("stub", messages, max_tokens=5)
     plain = stub.complete("user: hello there\nbot: hi\n", max_tokens=5)
-    assert chat["tokens"] == plain["tokens"]
-    assert chat["usage"]["prompt_tokens"] == plain["usage"]["prompt_tokens"]
+    assert chat.tokens == plain.tokens
+    assert chat.usage.prompt_tokens == plain.usage.prompt_tokens
 
 
 # --------------------------------------------------------------------------- other calls
@@ -642,21 +651,21 @@ def test_chat_on_the_stub_is_the_completion_of_its_rendered_conversation(served_
 def test_prefill_warms_the_cache_without_sampling(served):
     prompt = served.tokens("the fast tree and the slow sun")
     result = served.rt.prefill(served.name, prompt)
-    assert result["tokens"] == [] and result["text"] == ""
-    assert result["usage"]["completion_tokens"] == 0
-    assert result["finish_key"] is not None
+    assert result.tokens == [] and result.text == ""
+    assert result.usage.completion_tokens == 0
+    assert result.finish_key is not None
     served.rt.cache.wait_idle()
-    keys = {row["key"]: row for row in served.rt.cache_rows()}
-    assert keys[result["finish_key"]]["tokens"] == len(prompt)
+    keys = {row.key_hex: row for row in served.rt.cache_rows()}
+    assert keys[result.finish_key].n_tokens == len(prompt)
     hit = served.complete(prompt, max_tokens=3)
-    assert hit["cache"] == {"kind": "exact", "prefix_len": len(prompt)}
-    assert hit["usage"]["cached_tokens"] == len(prompt)
+    assert hit.cache == CacheHit("exact", len(prompt))
+    assert hit.usage.cached_tokens == len(prompt)
 
 
 def test_tokenize_and_detokenize_round_trip(model):
     text = "hello world the cat"
     tokens = model.rt.tokenize(model.name, text)
-    assert tokens[0] == model.info["bos"]
+    assert tokens[0] == model.info.bos
     assert model.rt.tokenize(model.name, text, add_special=False) == tokens[1:]
     assert all(0 <= t < model.n_vocab for t in tokens)
     assert model.rt.detokenize(model.name, tokens).strip() == text
@@ -677,27 +686,34 @@ def test_model_info_models_counters_rows_and_tree_are_json(served):
     rt = served.rt
     served.complete("the cat and the sun", max_tokens=3)
     rt.cache.wait_idle()
-    for value in (rt.model_info(served.name), rt.models(), rt.counters(), rt.cache_rows()):
+    for value in (
+        rt.model_info(served.name).to_dict(),
+        [m.to_dict() for m in rt.models()],
+        rt.counters().to_dict(),
+        [row.to_dict() for row in rt.cache_rows()],
+    ):
         assert json.loads(json.dumps(value)) == value
     tree = rt.tree()
     assert json.loads(json.dumps(tree)) == tree
     info = rt.model_info(served.name)
-    assert info["name"] == served.name
-    assert info["status"] == "loaded" and info["phase"] == "idle"
-    assert info["backend"] == ("stub" if served.kind == "stub" else "llama")
-    assert info["worker"]["state"] == "running"
-    assert isinstance(info["worker"]["pid"], int)
-    assert info["n_vocab"] == served.n_vocab
+    assert info.name == served.name
+    assert info.status == "loaded" and info.phase == "idle"
+    assert info.backend == ("stub" if served.kind == "stub" else "llama")
+    assert info.worker.state == "running"
+    assert isinstance(info.worker.pid, int)
+    assert info.n_vocab == served.n_vocab
     assert rt.phase(served.name) == "idle"
     assert rt.pending_len(served.name) == 0
-    assert rt.last_cache_hit(served.name) == info["last_cache_hit"]
-    assert info["last_cache_hit"]["kind"] in ("exact", "parent", "prefix", "cold")
-    assert {m["name"] for m in rt.models()} == {"stub", "tiny"}
+    assert rt.last_cache_hit(served.name) == info.last_cache_hit
+    assert info.last_cache_hit.kind in ("exact", "parent", "prefix", "cold")
+    assert {m.name for m in rt.models()} == {"stub", "tiny"}
     counters = rt.counters()
-    assert counters["misses"] >= 1
-    assert {t["kind"] for t in counters["tiers"]} == {"ram", "ram_file", "disk"}
+    assert counters.misses >= 1
+    assert {t.kind for t in counters.tiers} == {"ram", "ram_file", "disk"}
     rows = rt.cache_rows()
-    assert rows and {"key", "tier", "tokens", "bytes", "refcount", "reason"} <= set(rows[0])
+    assert rows and {"key", "tier", "tokens", "bytes", "refcount", "reason"} <= set(
+        rows[0].to_dict()
+    )
 
 
 def test_the_tree_shows_each_models_worker_pid_and_restarts(served_models):
@@ -717,8 +733,8 @@ def test_the_tree_shows_each_models_worker_pid_and_restarts(served_models):
     for name in ("stub", "tiny"):
         worker = find(tree, f"model:{name}/worker")
         assert worker is not None
-        assert worker["pid"] == rt.model_info(name)["worker"]["pid"]
-        assert worker["restarts"] == rt.model_info(name)["worker"]["restarts"] == 0
+        assert worker["pid"] == rt.model_info(name).worker.pid
+        assert worker["restarts"] == rt.model_info(name).worker.restarts == 0
         assert find(tree, f"model:{name}/actor") is not None
     assert find(tree, "cache_meta") is not None
 
@@ -734,7 +750,7 @@ def test_unload_forgets_the_model_and_a_new_load_serves_again(rt, load):
     assert not _alive(pid)
     again = load(rt, "stub")
     assert again.worker_pid() != pid
-    assert again.complete("the cat", max_tokens=3)["tokens"] == first["tokens"]
+    assert again.complete("the cat", max_tokens=3).tokens == first.tokens
 
 
 def _alive(pid: int) -> bool:
@@ -751,7 +767,7 @@ def test_the_runtime_is_a_context_manager_and_refuses_calls_once_stopped(make_ru
     with rt:
         stub = load(rt, "stub")
         pid = stub.worker_pid()
-        assert stub.complete("the cat", max_tokens=1)["tokens"]
+        assert stub.complete("the cat", max_tokens=1).tokens
     assert not _alive(pid)
     for call in (
         lambda: rt.complete("m", "the cat"),
@@ -776,6 +792,6 @@ def test_start_accepts_none_for_all_defaults_and_stops_cleanly(tmp_path, monkeyp
     try:
         assert rt.models() == []
         assert rt.tree()["state"] == "running"
-        assert rt.counters()["misses"] == 0
+        assert rt.counters().misses == 0
     finally:
         rt.stop()

@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from erllama_py import CacheHit, CounterSnapshot
 from erllama_py.model.testmodel import DEFAULT_WORDS
 
 TIERS = ("ram", "ram_file", "disk")
@@ -25,17 +26,13 @@ SAMPLINGS = {
 TINY_WORDS = ("the", "cat", "dog", "red", "sky", "sun", "moon", "tree", "blue", "warm", "cold")
 
 
-def counters_delta(before: dict[str, Any], after: dict[str, Any]) -> dict[str, int]:
-    return {
-        k: after[k] - before[k]
-        for k in after
-        if k != "tiers" and isinstance(after[k], int) and after[k] != before[k]
-    }
+def counters_delta(before: CounterSnapshot, after: CounterSnapshot) -> CounterSnapshot:
+    return after.since(before)
 
 
 def rows_by_reason(rt, reason: str) -> list[dict[str, Any]]:
     rt.cache.wait_idle()
-    return [r for r in rt.cache_rows() if r["reason"] == reason and r["status"] == "available"]
+    return [r for r in rt.cache_rows() if r.reason == reason and r.status == "available"]
 
 
 def in_thread(fn, *args: Any, **kwargs: Any) -> Future[Any]:
@@ -59,33 +56,33 @@ def test_a_repeated_prompt_is_an_exact_hit_with_identical_output(model):
     prompt = model.tokens("the cat and the dog saw the moon")
     before = rt.counters()
     cold = model.complete(prompt, max_tokens=8)
-    assert cold["cache"] == {"kind": "cold", "prefix_len": 0}
-    assert cold["usage"]["cached_tokens"] == 0
+    assert cold.cache == CacheHit("cold", 0)
+    assert cold.usage.cached_tokens == 0
     rt.cache.wait_idle()
     hit = model.complete(prompt, max_tokens=8)
-    assert hit["cache"] == {"kind": "exact", "prefix_len": len(prompt)}
-    assert hit["usage"]["cached_tokens"] == len(prompt)
-    assert hit["tokens"] == cold["tokens"]
-    assert hit["text"] == cold["text"]
-    assert rt.last_cache_hit(model.name) == {"kind": "exact", "prefix_len": len(prompt)}
+    assert hit.cache == CacheHit("exact", len(prompt))
+    assert hit.usage.cached_tokens == len(prompt)
+    assert hit.tokens == cold.tokens
+    assert hit.text == cold.text
+    assert rt.last_cache_hit(model.name) == CacheHit("exact", len(prompt))
     delta = counters_delta(before, rt.counters())
-    assert delta["misses"] == 1
-    assert delta["hits_exact"] == 1
+    assert delta.misses == 1
+    assert delta.hits_exact == 1
 
 
 def test_parent_key_resumes_from_the_finish_save(model):
     rt = model.rt
     prompt = model.tokens("red green blue sky and the sun")
     first = model.complete(prompt, max_tokens=6)
-    assert first["finish_reason"] == "length"
+    assert first.finish_reason == "length"
     before = rt.counters()
-    follow = [*prompt, *first["tokens"], *model.tokens("yes no", add_special=False)]
-    second = model.complete(follow, max_tokens=4, parent_key=first["finish_key"])
+    follow = [*prompt, *first.tokens, *model.tokens("yes no", add_special=False)]
+    second = model.complete(follow, max_tokens=4, parent_key=first.finish_key)
     # The last generated token was sampled but never decoded: the row ends before it.
-    restored = len(prompt) + len(first["tokens"]) - 1
-    assert second["cache"] == {"kind": "parent", "prefix_len": restored}
-    assert second["usage"]["cached_tokens"] == restored
-    assert counters_delta(before, rt.counters())["hits_resume"] == 1
+    restored = len(prompt) + len(first.tokens) - 1
+    assert second.cache == CacheHit("parent", restored)
+    assert second.usage.cached_tokens == restored
+    assert counters_delta(before, rt.counters()).hits_resume == 1
 
 
 def test_a_longer_prompt_gets_a_prefix_hit_through_the_trie(model):
@@ -96,11 +93,11 @@ def test_a_longer_prompt_gets_a_prefix_hit_through_the_trie(model):
     before = rt.counters()
     longer = [*base, *model.tokens("was warm", add_special=False)]
     result = model.complete(longer, max_tokens=3)
-    assert result["cache"] == {"kind": "prefix", "prefix_len": len(base)}
-    assert result["usage"]["cached_tokens"] == len(base)
+    assert result.cache == CacheHit("prefix", len(base))
+    assert result.usage.cached_tokens == len(base)
     delta = counters_delta(before, rt.counters())
-    assert delta["hits_prefix"] == 1
-    assert "misses" not in delta
+    assert delta.hits_prefix == 1
+    assert delta.misses == 0
 
 
 def test_a_row_longer_than_the_shared_prefix_is_cut_back_to_it(model, load):
@@ -111,10 +108,10 @@ def test_a_row_longer_than_the_shared_prefix_is_cut_back_to_it(model, load):
     shared = len(base) - 4
     diverging = [*base[:shared], *model.tokens("dog cat", add_special=False)]
     result = model.complete(diverging, max_tokens=5)
-    assert result["cache"] == {"kind": "prefix", "prefix_len": shared}
+    assert result.cache == CacheHit("prefix", shared)
     if model.kind == "stub":  # the stub's tokens depend on the context only
         reference = load(rt, "stub", "ref", reference=True)
-        assert result["tokens"] == reference.complete(diverging, max_tokens=5)["tokens"]
+        assert result.tokens == reference.complete(diverging, max_tokens=5).tokens
 
 
 def test_an_unrelated_prompt_is_a_cold_miss(model):
@@ -123,40 +120,40 @@ def test_an_unrelated_prompt_is_a_cold_miss(model):
     rt.cache.wait_idle()
     before = rt.counters()
     result = model.complete("yes no answer question", max_tokens=2)
-    assert result["cache"] == {"kind": "cold", "prefix_len": 0}
+    assert result.cache == CacheHit("cold", 0)
     delta = counters_delta(before, rt.counters())
-    assert delta["misses"] == 1
-    assert not {"hits_exact", "hits_prefix", "hits_resume"} & set(delta)
+    assert delta.misses == 1
+    assert delta.hits_exact == delta.hits_prefix == delta.hits_resume == 0
 
 
 def test_an_unknown_parent_key_falls_back_to_the_other_lookups(model):
     prompt = model.tokens("the sun was warm and the moon")
     result = model.complete(prompt, max_tokens=3, parent_key="ab" * 16)
-    assert result["cache"]["kind"] == "cold"
-    assert len(result["tokens"]) == 3
+    assert result.cache.kind == "cold"
+    assert len(result.tokens) == 3
 
 
 def test_parent_key_of_another_prompt_is_not_restored(model):
     a = model.complete("the cat and the dog were red", max_tokens=3)
     model.rt.cache.wait_idle()
     other = model.tokens("blue sky over the slow tree")
-    result = model.complete(other, max_tokens=3, parent_key=a["finish_key"])
-    assert result["cache"]["kind"] == "cold"
+    result = model.complete(other, max_tokens=3, parent_key=a.finish_key)
+    assert result.cache.kind == "cold"
 
 
 def test_prefill_with_a_parent_key_extends_the_parent_row(model):
     prompt = model.tokens("one two three red green blue")
     first = model.complete(prompt, max_tokens=4)
     model.rt.cache.wait_idle()
-    longer = [*prompt, *first["tokens"], *model.tokens("the tree", add_special=False)]
-    warmed = model.rt.prefill(model.name, longer, parent_key=first["finish_key"])
-    assert warmed["cache"] == {"kind": "parent", "prefix_len": len(prompt) + 3}
-    assert warmed["tokens"] == []
+    longer = [*prompt, *first.tokens, *model.tokens("the tree", add_special=False)]
+    warmed = model.rt.prefill(model.name, longer, parent_key=first.finish_key)
+    assert warmed.cache == CacheHit("parent", len(prompt) + 3)
+    assert warmed.tokens == []
     model.rt.cache.wait_idle()
-    rows = {r["key"]: r for r in model.rt.cache_rows()}
-    assert rows[warmed["finish_key"]]["tokens"] == len(longer)
+    rows = {r.key_hex: r for r in model.rt.cache_rows()}
+    assert rows[warmed.finish_key].n_tokens == len(longer)
     hit = model.complete(longer, max_tokens=2)
-    assert hit["cache"] == {"kind": "exact", "prefix_len": len(longer)}
+    assert hit.cache == CacheHit("exact", len(longer))
 
 
 def test_a_conversation_resent_in_full_each_turn_stays_warm(rt, load):
@@ -166,15 +163,15 @@ def test_a_conversation_resent_in_full_each_turn_stays_warm(rt, load):
     for i, reply in enumerate(["yes the cat", "no the dog", "the red tree", "a warm sun"]):
         messages.append({"role": "user", "content": f"question {i} about the sky"})
         result = rt.chat("m", messages, max_tokens=30, grammar=f'root ::= "{reply}"')
-        assert result["text"] == reply
+        assert result.text == reply
         if i == 0:
-            assert result["cache"]["kind"] == "cold"
+            assert result.cache.kind == "cold"
         else:
             # Turn N+1's prompt starts with turn N's: at least that much is restored.
-            assert result["cache"]["kind"] == "prefix"
-            assert result["usage"]["cached_tokens"] >= previous_prompt
-        previous_prompt = result["usage"]["prompt_tokens"]
-        messages.append({"role": "assistant", "content": result["text"]})
+            assert result.cache.kind == "prefix"
+            assert result.usage.cached_tokens >= previous_prompt
+        previous_prompt = result.usage.prompt_tokens
+        messages.append({"role": "assistant", "content": result.text})
 
 
 # --------------------------------------------------------------------------- save reasons
@@ -186,14 +183,14 @@ def test_a_completion_saves_its_prompt_cold_and_its_context_at_finish(model):
     prompt = model.tokens("a warm sun and a cold moon")
     result = model.complete(prompt, max_tokens=5)
     delta = counters_delta(before, rt.counters())
-    assert delta["saves_cold"] == 1
-    assert delta["saves_finish"] == 1
-    rows = {r["key"]: r for r in rt.cache_rows()}
-    finish = rows[result["finish_key"]]
-    assert finish["reason"] == "finish"
-    assert finish["tokens"] == len(prompt) + 5 - 1
-    assert [r["tokens"] for r in rows_by_reason(rt, "cold")] == [len(prompt)]
-    assert rt.counters()["tiers"][0]["rows"] == 2
+    assert delta.saves_cold == 1
+    assert delta.saves_finish == 1
+    rows = {r.key_hex: r for r in rt.cache_rows()}
+    finish = rows[result.finish_key]
+    assert finish.reason == "finish"
+    assert finish.n_tokens == len(prompt) + 5 - 1
+    assert [r.n_tokens for r in rows_by_reason(rt, "cold")] == [len(prompt)]
+    assert rt.counters().tiers[0].rows == 2
 
 
 def test_continued_saves_fire_every_interval_of_generated_tokens(rt, load, model_kind):
@@ -202,8 +199,8 @@ def test_continued_saves_fire_every_interval_of_generated_tokens(rt, load, model
     before = rt.counters()
     m.complete(prompt, max_tokens=14)
     delta = counters_delta(before, rt.counters())
-    assert delta["saves_continued"] == 3
-    lengths = sorted(r["tokens"] for r in rows_by_reason(rt, "continued"))
+    assert delta.saves_continued == 3
+    lengths = sorted(r.n_tokens for r in rows_by_reason(rt, "continued"))
     assert lengths == [len(prompt) + 4, len(prompt) + 8, len(prompt) + 12]
 
 
@@ -211,15 +208,15 @@ def test_evict_saves_a_request_in_flight_which_then_goes_on(rt, load, wait_until
     stub = load(rt, "stub", stub={"step_delay": 0.01})
     prompt = stub.tokens("evict me while I generate")
     pending = in_thread(stub.complete, prompt, max_tokens=60)
-    wait_until(lambda: rt.model_info("m")["tokens_generated"] >= 5, "generation is under way")
+    wait_until(lambda: rt.model_info("m").tokens_generated >= 5, "generation is under way")
     before = rt.counters()
     assert rt.evict("m") == 1
     result = pending.result(timeout=30)
-    assert result["finish_reason"] == "length"
-    assert len(result["tokens"]) == 60
-    assert counters_delta(before, rt.counters())["saves_evict"] == 1
+    assert result.finish_reason == "length"
+    assert len(result.tokens) == 60
+    assert counters_delta(before, rt.counters()).saves_evict == 1
     (row,) = rows_by_reason(rt, "evict")
-    assert len(prompt) < row["tokens"] < len(prompt) + 60
+    assert len(prompt) < row.n_tokens < len(prompt) + 60
     assert rt.evict("m") == 0  # nothing in flight now
 
 
@@ -228,10 +225,10 @@ def test_unload_saves_requests_in_flight_with_reason_shutdown(rt, load, wait_unt
     prompts = [stub.tokens(f"shutdown prompt number {i} here") for i in range(3)]
     pending = [in_thread(stub.complete, p, max_tokens=2000) for p in prompts]
     wait_until(
-        lambda: rt.model_info("m")["active"] == 2 and rt.pending_len("m") == 1,
+        lambda: rt.model_info("m").active == 2 and rt.pending_len("m") == 1,
         "two requests run and one waits",
     )
-    wait_until(lambda: rt.model_info("m")["tokens_generated"] >= 10, "both generate")
+    wait_until(lambda: rt.model_info("m").tokens_generated >= 10, "both generate")
     before = rt.counters()
     rt.unload("m")
     finished: list[tuple[list[int], dict[str, Any]]] = []
@@ -242,26 +239,23 @@ def test_unload_saves_requests_in_flight_with_reason_shutdown(rt, load, wait_unt
         except Exception as exc:
             errors.append(exc)
     assert len(finished) == 2 and len(errors) == 1
-    assert all(result["finish_reason"] == "cancelled" for _, result in finished)
+    assert all(result.finish_reason == "cancelled" for _, result in finished)
     assert "unloaded" in str(errors[0])
-    assert counters_delta(before, rt.counters())["saves_shutdown"] == 2
-    saved = sorted(r["tokens"] for r in rows_by_reason(rt, "shutdown"))
-    assert saved == sorted(len(p) + len(r["tokens"]) - 1 for p, r in finished)
+    assert counters_delta(before, rt.counters()).saves_shutdown == 2
+    saved = sorted(r.n_tokens for r in rows_by_reason(rt, "shutdown"))
+    assert saved == sorted(len(p) + len(r.tokens) - 1 for p, r in finished)
     # The rows outlive the model: a reload resumes each conversation where it stopped,
     # by prefix or through the finish_key each cancelled result carries.
     reloaded = load(rt, "stub", n_seq_max=2)
     for prompt, result in finished:
-        assert result["finish_key"] is not None
-        resumed = reloaded.complete([*prompt, *result["tokens"]], max_tokens=2)
-        assert resumed["cache"] == {
-            "kind": "prefix",
-            "prefix_len": len(prompt) + len(result["tokens"]) - 1,
-        }
+        assert result.finish_key is not None
+        resumed = reloaded.complete([*prompt, *result.tokens], max_tokens=2)
+        assert resumed.cache == CacheHit("prefix", len(prompt) + len(result.tokens) - 1)
         by_key = reloaded.complete(
-            [*prompt, *result["tokens"]], max_tokens=2, parent_key=result["finish_key"]
+            [*prompt, *result.tokens], max_tokens=2, parent_key=result.finish_key
         )
-        assert by_key["cache"]["kind"] == "parent"
-        assert by_key["tokens"] == resumed["tokens"]
+        assert by_key.cache.kind == "parent"
+        assert by_key.tokens == resumed.tokens
 
 
 def test_stopping_the_runtime_saves_requests_in_flight_to_disk(
@@ -271,24 +265,24 @@ def test_stopping_the_runtime_saves_requests_in_flight_to_disk(
     stub = load(rt, "stub", tier="disk", stub={"step_delay": 0.01})
     prompt = stub.tokens("stop the runtime under me")
     pending = in_thread(stub.complete, prompt, max_tokens=2000)
-    wait_until(lambda: rt.model_info("m")["tokens_generated"] >= 10, "generation is under way")
+    wait_until(lambda: rt.model_info("m").tokens_generated >= 10, "generation is under way")
     rt.stop()
     result = pending.result(timeout=10)
-    assert result["finish_reason"] == "cancelled"
-    generated = result["tokens"]
+    assert result.finish_reason == "cancelled"
+    generated = result.tokens
     assert len(generated) >= 10
     # A new runtime on the same roots finds the shutdown row on disk and resumes from it.
     again = make_runtime(tmp_path)
-    rows = [r for r in again.cache_rows() if r["reason"] == "shutdown"]
+    rows = [r for r in again.cache_rows() if r.reason == "shutdown"]
     assert len(rows) == 1
-    assert rows[0]["tier"].startswith("disk:")
-    assert len(generated) - 1 <= rows[0]["tokens"] - len(prompt) <= len(generated)
+    assert rows[0].tier.startswith("disk:")
+    assert len(generated) - 1 <= rows[0].n_tokens - len(prompt) <= len(generated)
     reloaded = load(again, "stub", tier="disk")
     resumed = reloaded.complete([*prompt, *generated], max_tokens=3)
-    assert resumed["cache"]["kind"] in ("prefix", "exact")
-    assert resumed["cache"]["prefix_len"] == rows[0]["tokens"]
+    assert resumed.cache.kind in ("prefix", "exact")
+    assert resumed.cache.prefix_len == rows[0].n_tokens
     reference = load(again, "stub", "ref", reference=True)
-    assert resumed["tokens"] == reference.complete([*prompt, *generated], max_tokens=3)["tokens"]
+    assert resumed.tokens == reference.complete([*prompt, *generated], max_tokens=3).tokens
 
 
 def test_counters_follow_a_session_of_requests(model):
@@ -297,21 +291,21 @@ def test_counters_follow_a_session_of_requests(model):
     prompt = model.tokens("the tree and the sky")
     first = model.complete(prompt, max_tokens=4)  # miss, cold + finish saves
     model.complete(prompt, max_tokens=4)  # exact hit; its finish row exists already
-    follow = [*prompt, *first["tokens"]]
-    model.complete(follow, max_tokens=4, parent_key=first["finish_key"])  # resume
+    follow = [*prompt, *first.tokens]
+    model.complete(follow, max_tokens=4, parent_key=first.finish_key)  # resume
     model.complete([*prompt, *model.tokens("blue", add_special=False)], max_tokens=2)  # prefix
     rt.cache.wait_idle()
     delta = counters_delta(before, rt.counters())
-    assert delta["misses"] == 1
-    assert delta["hits_exact"] == 1
-    assert delta["hits_resume"] == 1
-    assert delta["hits_prefix"] == 1
-    assert delta["saves_cold"] == 1
-    assert delta["saves_finish"] >= 3
-    assert delta["duplicate_dropped"] >= 1
-    ram = next(t for t in rt.counters()["tiers"] if t["kind"] == "ram")
-    assert ram["rows"] == len([r for r in rt.cache_rows() if r["tier"] == "ram"])
-    assert ram["bytes"] == sum(r["bytes"] for r in rt.cache_rows() if r["tier"] == "ram")
+    assert delta.misses == 1
+    assert delta.hits_exact == 1
+    assert delta.hits_resume == 1
+    assert delta.hits_prefix == 1
+    assert delta.saves_cold == 1
+    assert delta.saves_finish >= 3
+    assert delta.duplicate_dropped >= 1
+    ram = next(t for t in rt.counters().tiers if t.kind == "ram")
+    assert ram.rows == len([r for r in rt.cache_rows() if r.tier == "ram"])
+    assert ram.bytes == sum(r.size for r in rt.cache_rows() if r.tier == "ram")
 
 
 @pytest.mark.parametrize("tier", TIERS)
@@ -325,12 +319,12 @@ def test_a_save_and_a_restore_copy_the_state_at_most_once(rt, load, tier):
     rt.cache.wait_idle()
     hit = m.complete(prompt, max_tokens=3)
     rt.cache.wait_idle()
-    assert hit["cache"]["kind"] == "exact"
+    assert hit.cache.kind == "exact"
     delta = counters_delta(before, rt.counters())
-    assert delta["saved_bytes"] > 0 and delta["loaded_bytes"] > 0
+    assert delta.saved_bytes > 0 and delta.loaded_bytes > 0
     copies = 0 if tier == "ram" else 1
-    assert delta.get("save_bytes_copied", 0) == copies * delta["saved_bytes"]
-    assert delta.get("load_bytes_copied", 0) == copies * delta["loaded_bytes"]
+    assert delta.save_bytes_copied == copies * delta.saved_bytes
+    assert delta.load_bytes_copied == copies * delta.loaded_bytes
 
 
 # --------------------------------------------------------------------------- exactness
@@ -370,19 +364,17 @@ def test_stop_and_resume_gives_the_tokens_of_one_uninterrupted_run_on_every_tier
     opening = OPENING["resume", tier, sampling, k]
     prompt = tiny.tokens(f"{opening} the cat and the dog were red")
     whole = reference.complete(prompt, max_tokens=n, **options)
-    assert whole["cache"]["kind"] == "cold" and len(whole["tokens"]) == n
+    assert whole.cache.kind == "cold" and len(whole.tokens) == n
     part = tiny.complete(prompt, max_tokens=k, **options)
-    assert part["cache"]["kind"] == "cold"
-    assert part["tokens"] == whole["tokens"][:k]
+    assert part.cache.kind == "cold"
+    assert part.tokens == whole.tokens[:k]
     rest = tiny.complete(
-        [*prompt, *part["tokens"]], max_tokens=n - k, parent_key=part["finish_key"], **options
+        [*prompt, *part.tokens], max_tokens=n - k, parent_key=part.finish_key, **options
     )
-    assert rest["cache"] == {"kind": "parent", "prefix_len": len(prompt) + k - 1}
-    assert part["tokens"] + rest["tokens"] == whole["tokens"]
+    assert rest.cache == CacheHit("parent", len(prompt) + k - 1)
+    assert part.tokens + rest.tokens == whole.tokens
     # The parent row was saved to the tier under test (a hit may add a RAM copy).
-    holders = {
-        r["tier"].split(":")[0] for r in tiny.rt.cache_rows() if r["key"] == part["finish_key"]
-    }
+    holders = {r.tier.split(":")[0] for r in tiny.rt.cache_rows() if r.key_hex == part.finish_key}
     assert tier in holders
 
 
@@ -395,27 +387,27 @@ def test_an_exact_hit_on_a_cold_saved_prompt_continues_as_the_cold_run(tiers, ti
     prompt = tiny.tokens(f"{opening} a warm sun and a cold moon over the tree")
     cold = reference.complete(prompt, max_tokens=20, **options)
     warmed = tiny.rt.prefill(tiny.name, prompt)
-    assert warmed["cache"]["kind"] == "cold"
+    assert warmed.cache.kind == "cold"
     tiny.rt.cache.wait_idle()
-    (row,) = [r for r in tiny.rt.cache_rows() if r["key"] == warmed["finish_key"]]
-    assert row["reason"] == "cold"
-    assert row["tier"].split(":")[0] == tier  # no hit yet, so no RAM copy either
+    (row,) = [r for r in tiny.rt.cache_rows() if r.key_hex == warmed.finish_key]
+    assert row.reason == "cold"
+    assert row.tier.split(":")[0] == tier  # no hit yet, so no RAM copy either
     hit = tiny.complete(prompt, max_tokens=20, **options)
-    assert hit["cache"] == {"kind": "exact", "prefix_len": len(prompt)}
-    assert hit["tokens"] == cold["tokens"]
+    assert hit.cache == CacheHit("exact", len(prompt))
+    assert hit.tokens == cold.tokens
 
 
 def test_stop_and_resume_in_several_steps_matches_one_run(rt, load):
     reference = load(rt, "tiny", "ref", reference=True)
     tiny = load(rt, "tiny", tier="disk")
     prompt = tiny.tokens("one two three red green blue")
-    whole = reference.complete(prompt, max_tokens=30, temperature=0.7, seed=7)["tokens"]
+    whole = reference.complete(prompt, max_tokens=30, temperature=0.7, seed=7).tokens
     context, key, got = list(prompt), None, []
     for step in (5, 1, 10, 14):
         result = tiny.complete(context, max_tokens=step, temperature=0.7, seed=7, parent_key=key)
-        got += result["tokens"]
-        context += result["tokens"]
-        key = result["finish_key"]
+        got += result.tokens
+        context += result.tokens
+        key = result.finish_key
     assert got == whole
 
 
@@ -435,21 +427,21 @@ def test_deterministic_mode_makes_every_hit_equal_the_cold_run(rt, load):
         for prompt in (base, extended, base, extended[:-1]):
             result = det.complete(prompt, max_tokens=8)
             det.rt.cache.wait_idle()
-            kind = result["cache"]["kind"]
+            kind = result.cache.kind
             hits[kind] = hits.get(kind, 0) + 1
             if kind == "prefix":
                 # Only prefill-computed state, cut back to an n_batch boundary.
-                assert result["cache"]["prefix_len"] % 16 == 0
-            assert result["tokens"] == reference.complete(prompt, max_tokens=8)["tokens"], (
+                assert result.cache.prefix_len % 16 == 0
+            assert result.tokens == reference.complete(prompt, max_tokens=8).tokens, (
                 i,
-                result["cache"],
+                result.cache,
             )
         # Generated tokens are never restored: a resume restores a prefill row and
         # prefills the rest, as the cold run of the whole new prompt does.
         first = det.complete(base, max_tokens=6)
-        follow = [*base, *first["tokens"]]
-        resumed = det.complete(follow, max_tokens=6, parent_key=first["finish_key"])
-        assert resumed["cache"]["kind"] != "parent"
-        assert resumed["tokens"] == reference.complete(follow, max_tokens=6)["tokens"]
+        follow = [*base, *first.tokens]
+        resumed = det.complete(follow, max_tokens=6, parent_key=first.finish_key)
+        assert resumed.cache.kind != "parent"
+        assert resumed.tokens == reference.complete(follow, max_tokens=6).tokens
     assert hits.get("exact", 0) >= 6
     assert hits.get("prefix", 0) >= 6

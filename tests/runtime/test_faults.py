@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 
 import erllama_py
-from erllama_py import ModelFailedError, ModelLoadError, WorkerCrashedError
+from erllama_py import CacheHit, ModelFailedError, ModelLoadError, WorkerCrashedError
 from erllama_py.model.testmodel import write_corrupt_models, write_duplicate_token_model
 
 REPO = Path(__file__).resolve().parents[2]
@@ -70,20 +70,20 @@ class Bystander:
     def __init__(self, rt, load) -> None:
         self.model = load(rt, "stub", "bystander")
         self.pid = self.model.worker_pid()
-        self.answer = self.model.complete("the bystander", max_tokens=5)["tokens"]
+        self.answer = self.model.complete("the bystander", max_tokens=5).tokens
 
     def check_untouched(self) -> None:
         info = self.model.info_now()
-        assert info["worker"]["pid"] == self.pid
-        assert info["worker"]["restarts"] == 0
-        assert info["phase"] == "idle"
-        assert self.model.complete("the bystander", max_tokens=5)["tokens"] == self.answer
+        assert info.worker.pid == self.pid
+        assert info.worker.restarts == 0
+        assert info.phase == "idle"
+        assert self.model.complete("the bystander", max_tokens=5).tokens == self.answer
 
 
 def wait_restarted(m, old_pid: int, wait_until) -> int:
     def restarted() -> bool:
-        worker = m.info_now()["worker"]
-        return worker["pid"] not in (None, old_pid) and worker["state"] == "running"
+        worker = m.info_now().worker
+        return worker.pid not in (None, old_pid) and worker.state == "running"
 
     wait_until(restarted, f"the worker of {m.name} runs again", 30.0)
     return m.worker_pid()
@@ -93,10 +93,10 @@ def check_recovered(rt, m, old_pid: int, wait_until, assert_cache_sound) -> None
     new_pid = wait_restarted(m, old_pid, wait_until)
     assert new_pid != old_pid
     info = m.info_now()
-    assert info["worker"]["restarts"] == 1
-    assert info["worker_starts"] == 2
-    assert info["status"] == "loaded"
-    assert len(m.complete("after the crash", max_tokens=4)["tokens"]) == 4
+    assert info.worker.restarts == 1
+    assert info.worker_starts == 2
+    assert info.status == "loaded"
+    assert len(m.complete("after the crash", max_tokens=4).tokens) == 4
     assert_cache_sound(rt)
     tree = rt.tree()
     assert tree["state"] == "running"
@@ -130,18 +130,18 @@ def test_sigkill_during_prefill_fails_the_request_and_a_new_worker_serves_the_qu
     bystander = Bystander(rt, load)
     pid = m.worker_pid()
     prefilling = in_thread(m.complete, long_prompt(2000), max_tokens=4)
-    wait_until(lambda: rt.model_info("m")["active"] == 1, "the long prompt is admitted")
+    wait_until(lambda: rt.model_info("m").active == 1, "the long prompt is admitted")
     queued = in_thread(m.complete, "the queued one", max_tokens=4)
     wait_until(lambda: rt.pending_len("m") == 1, "the second request waits")
     wait_until(lambda: rt.phase("m") == "prefilling", "the long prompt prefills")
     os.kill(pid, signal.SIGKILL)
     killed_at = time.monotonic()
     assert_crashed(prefilling, killed_at, signal.SIGKILL)
-    assert queued.result(timeout=30)["finish_reason"] == "length"
+    assert queued.result(timeout=30).finish_reason == "length"
     check_recovered(rt, m, pid, wait_until, assert_cache_sound)
     bystander.check_untouched()
     # Nothing of the killed prefill was saved: the long prompt is cold again.
-    assert m.complete(long_prompt(40), max_tokens=1)["cache"]["kind"] == "cold"
+    assert m.complete(long_prompt(40), max_tokens=1).cache.kind == "cold"
 
 
 @pytest.mark.parametrize("sig_name", list(SIGNALS))
@@ -154,16 +154,16 @@ def test_a_worker_killed_during_decode_fails_its_requests_and_is_restarted(  # n
     bystander = Bystander(rt, load)
     pid = m.worker_pid()
     running = [in_thread(m.complete, f"decode number {i}", max_tokens=2000) for i in range(2)]
-    wait_until(lambda: rt.model_info("m")["active"] == 2, "both requests are admitted")
+    wait_until(lambda: rt.model_info("m").active == 2, "both requests are admitted")
     queued = in_thread(m.complete, "the queued one", max_tokens=3)
     wait_until(lambda: rt.pending_len("m") == 1, "a third request waits")
-    wait_until(lambda: rt.model_info("m")["tokens_generated"] >= 6, "both requests decode")
+    wait_until(lambda: rt.model_info("m").tokens_generated >= 6, "both requests decode")
     assert rt.phase("m") == "generating"
     os.kill(pid, sig)
     killed_at = time.monotonic()
     for future in running:
         assert_crashed(future, killed_at, sig)
-    assert queued.result(timeout=30)["finish_reason"] == "length"
+    assert queued.result(timeout=30).finish_reason == "length"
     check_recovered(rt, m, pid, wait_until, assert_cache_sound)
     bystander.check_untouched()
 
@@ -197,7 +197,7 @@ def test_sigkill_while_the_worker_packs_a_save_leaves_nothing_corrupt(
     )
     pid = m.worker_pid()
     running = in_thread(m.complete, "pack pack pack", max_tokens=200)
-    wait_until(lambda: rt.model_info("m")["tokens_generated"] >= 3, "a few saves are made", 60)
+    wait_until(lambda: rt.model_info("m").tokens_generated >= 3, "a few saves are made", 60)
     deadline = time.monotonic() + 30
     while _memfds(pid) == 0:
         assert time.monotonic() < deadline, "the worker never packed a state"
@@ -206,19 +206,19 @@ def test_sigkill_while_the_worker_packs_a_save_leaves_nothing_corrupt(
     killed_at = time.monotonic()
     assert_crashed(running, killed_at, signal.SIGKILL)
     rt.cache.wait_idle(60)
-    saved = [r for r in rt.cache_rows() if r["reason"] in ("cold", "continued")]
+    saved = [r for r in rt.cache_rows() if r.reason in ("cold", "continued")]
     assert saved, "no save landed before the kill"
-    assert all(r["status"] == "available" for r in rt.cache_rows())
+    assert all(r.status == "available" for r in rt.cache_rows())
     assert assert_cache_sound(rt) == len(saved)
     new_pid = wait_restarted(m, pid, wait_until)
     assert new_pid != pid
     # The longest state saved before the kill restores in the new worker.
-    longest = max(r["tokens"] for r in saved)
+    longest = max(r.n_tokens for r in saved)
     prompt = m.tokens("pack pack pack")
-    generated = m.complete(prompt, max_tokens=longest - len(prompt) + 1)["tokens"]
+    generated = m.complete(prompt, max_tokens=longest - len(prompt) + 1).tokens
     context = [*prompt, *generated[: longest - len(prompt)]]
     hit = m.complete(context, max_tokens=1)
-    assert hit["cache"] == {"kind": "exact", "prefix_len": longest}
+    assert hit.cache == CacheHit("exact", longest)
 
 
 def test_a_request_whose_restore_is_cut_short_by_a_crash_is_served_by_the_new_worker(
@@ -237,10 +237,10 @@ def test_a_request_whose_restore_is_cut_short_by_a_crash_is_served_by_the_new_wo
         assert time.monotonic() < deadline, "the worker never received the state"
     os.kill(pid, signal.SIGKILL)
     result = restoring.result(timeout=30)  # not failed: it was never admitted for good
-    assert result["cache"] == {"kind": "exact", "prefix_len": len(prompt)}
-    assert result["tokens"] == first["tokens"]
+    assert result.cache == CacheHit("exact", len(prompt))
+    assert result.tokens == first.tokens
     assert wait_restarted(m, pid, wait_until) != pid
-    assert all(row["refcount"] == 0 for row in rt.cache_rows())
+    assert all(row.refcount == 0 for row in rt.cache_rows())
 
 
 def test_a_worker_killed_right_after_a_finish_save_leaves_a_valid_row(
@@ -252,25 +252,25 @@ def test_a_worker_killed_right_after_a_finish_save_leaves_a_valid_row(
     first = m.complete(prompt, max_tokens=8)
     os.kill(pid, signal.SIGKILL)  # the finish save is still being written by the pool
     assert assert_cache_sound(rt) >= 2
-    keys = {r["key"]: r for r in rt.cache_rows()}
-    assert keys[first["finish_key"]]["reason"] == "finish"
+    keys = {r.key_hex: r for r in rt.cache_rows()}
+    assert keys[first.finish_key].reason == "finish"
     wait_restarted(m, pid, wait_until)
     hit = m.complete(prompt, max_tokens=8)
-    assert hit["cache"]["kind"] == "exact"
-    assert hit["tokens"] == first["tokens"]
-    resumed = m.complete([*prompt, *first["tokens"]], max_tokens=3, parent_key=first["finish_key"])
-    assert resumed["cache"]["kind"] == "parent"
+    assert hit.cache.kind == "exact"
+    assert hit.tokens == first.tokens
+    resumed = m.complete([*prompt, *first.tokens], max_tokens=3, parent_key=first.finish_key)
+    assert resumed.cache.kind == "parent"
 
 
 def test_killing_an_idle_worker_is_noticed_and_the_next_request_is_served(
     rt, load, model_kind, wait_until
 ):
     m = load(rt, model_kind)
-    answer = m.complete("the idle one", max_tokens=5)["tokens"]
+    answer = m.complete("the idle one", max_tokens=5).tokens
     pid = m.worker_pid()
     os.kill(pid, signal.SIGKILL)
     # Submitted right away: it waits for the new worker instead of failing.
-    assert m.complete("the idle one", max_tokens=5)["tokens"] == answer
+    assert m.complete("the idle one", max_tokens=5).tokens == answer
     assert wait_restarted(m, pid, wait_until) != pid
 
 
@@ -283,9 +283,9 @@ def test_a_damaged_cache_file_is_dropped_and_never_restored(
     first = m.complete(prompt, max_tokens=6)
     rt.cache.wait_idle()
     rows = rt.cache_rows()
-    assert {r["reason"] for r in rows} == {"cold", "finish"}
+    assert {r.reason for r in rows} == {"cold", "finish"}
     for row in rows:
-        path = Path(row["path"])
+        path = Path(row.path)
         data = bytearray(path.read_bytes())
         if damage == "flip":
             data[len(data) // 2] ^= 0xFF
@@ -294,20 +294,20 @@ def test_a_damaged_cache_file_is_dropped_and_never_restored(
         path.write_bytes(bytes(data))
     before = rt.counters()
     # Each damaged row is refused when first tried (checksum or size) and dropped.
-    follow = [*prompt, *first["tokens"]]
-    resumed = m.complete(follow, max_tokens=4, parent_key=first["finish_key"])
-    assert resumed["cache"]["kind"] == "cold"
+    follow = [*prompt, *first.tokens]
+    resumed = m.complete(follow, max_tokens=4, parent_key=first.finish_key)
+    assert resumed.cache.kind == "cold"
     again = m.complete(prompt, max_tokens=6)
-    assert again["cache"]["kind"] != "exact"
-    assert rt.counters()["corrupt_files"] - before["corrupt_files"] == 2
+    assert again.cache.kind != "exact"
+    assert rt.counters().corrupt_files - before.corrupt_files == 2
     if model_kind == "stub":  # the stub's tokens depend on the context only
-        assert again["tokens"] == first["tokens"]
+        assert again.tokens == first.tokens
         reference = load(rt, "stub", "ref", reference=True)
-        assert resumed["tokens"] == reference.complete(follow, max_tokens=4)["tokens"]
+        assert resumed.tokens == reference.complete(follow, max_tokens=4).tokens
     assert_cache_sound(rt)  # the damaged files are gone; the new saves are sound
     hit = m.complete(follow, max_tokens=4)
-    assert hit["cache"] == {"kind": "exact", "prefix_len": len(follow)}
-    assert hit["tokens"] == resumed["tokens"]
+    assert hit.cache == CacheHit("exact", len(follow))
+    assert hit.tokens == resumed.tokens
 
 
 # --------------------------------------------------------------------------- restart intensity
@@ -316,18 +316,18 @@ def test_a_damaged_cache_file_is_dropped_and_never_restored(
 def test_a_model_whose_restart_intensity_runs_out_is_failed_until_reloaded(rt, load, wait_until):
     m = load(rt, "stub", n_seq_max=1, restart={"intensity": 1, "period_s": 60})
     bystander = Bystander(rt, load)
-    answer = m.complete("the answer", max_tokens=4)["tokens"]
+    answer = m.complete("the answer", max_tokens=4).tokens
     first = m.worker_pid()
     os.kill(first, signal.SIGKILL)
     second = wait_restarted(m, first, wait_until)
-    assert m.info_now()["phase"] != "failed"
+    assert m.info_now().phase != "failed"
     # The second crash within the period is one too many.
     os.kill(second, signal.SIGKILL)
     wait_until(lambda: rt.phase("m") == "failed", "the model is reported failed")
     info = rt.model_info("m")
-    assert info["status"] == "failed" and info["phase"] == "failed"
-    assert info["worker"]["pid"] is None
-    assert {x["name"]: x["status"] for x in rt.models()}["m"] == "failed"
+    assert info.status == "failed" and info.phase == "failed"
+    assert info.worker.pid is None
+    assert {x.name: x.status for x in rt.models()}["m"] == "failed"
     for call in (
         lambda: rt.complete("m", "the answer", max_tokens=4),
         lambda: rt.stream("m", "the answer"),
@@ -339,9 +339,9 @@ def test_a_model_whose_restart_intensity_runs_out_is_failed_until_reloaded(rt, l
     bystander.check_untouched()
     rt.unload("m")
     reloaded = load(rt, "stub", n_seq_max=1, restart={"intensity": 1, "period_s": 60})
-    assert reloaded.info_now()["phase"] == "idle"
-    assert reloaded.info_now()["worker"]["restarts"] == 0
-    assert reloaded.complete("the answer", max_tokens=4)["tokens"] == answer
+    assert reloaded.info_now().phase == "idle"
+    assert reloaded.info_now().worker.restarts == 0
+    assert reloaded.complete("the answer", max_tokens=4).tokens == answer
 
 
 def test_requests_in_flight_and_queued_when_a_model_fails_get_an_error_not_a_hang(
@@ -356,7 +356,7 @@ def test_requests_in_flight_and_queued_when_a_model_fails_get_an_error_not_a_han
     )
     pid = m.worker_pid()
     running = in_thread(m.complete, "the running one", max_tokens=1000)
-    wait_until(lambda: rt.model_info("m")["active"] == 1, "the first request runs")
+    wait_until(lambda: rt.model_info("m").active == 1, "the first request runs")
     queued = in_thread(m.complete, "the queued one", max_tokens=4)
     wait_until(lambda: rt.pending_len("m") == 1, "the second request waits")
     os.kill(pid, signal.SIGKILL)
@@ -410,7 +410,7 @@ def test_loading_a_corrupt_or_aborting_gguf_fails_cleanly_and_leaves_nothing_run
     assert rt.tree()["state"] == "running"
     # The name is free and the runtime loads a good model under it.
     good = load(rt, "tiny")
-    assert len(good.complete("the cat", max_tokens=2)["tokens"]) == 2
+    assert len(good.complete("the cat", max_tokens=2).tokens) == 2
 
 
 def test_a_model_listed_in_the_config_that_cannot_load_fails_start_and_leaves_nothing(
@@ -442,7 +442,7 @@ SCRIPT = textwrap.dedent(
     rt.load_model("stub", backend="stub", n_ctx=256, n_batch=64)
     result = rt.complete("tiny", "hello world", max_tokens=5)
     stub = rt.complete("stub", "hello world", max_tokens=5)
-    print("RESULT " + json.dumps([result["tokens"], stub["tokens"]]))
+    print("RESULT " + json.dumps([result.tokens, stub.tokens]))
     rt.stop()
     """
 )
@@ -491,10 +491,10 @@ def test_a_step_that_fails_without_a_crash_fails_only_its_requests(rt, load):
     with pytest.raises(erllama_py.ModelError, match="injected failure"):
         m.complete("one two three four", max_tokens=10)
     result = m.complete("one two three four", max_tokens=3)
-    assert result["finish_reason"] == "length"
-    assert len(result["tokens"]) == 3
+    assert result.finish_reason == "length"
+    assert len(result.tokens) == 3
     assert m.worker_pid() == pid
-    assert rt.model_info("m")["status"] == "loaded"
+    assert rt.model_info("m").status == "loaded"
 
 
 def test_tokenize_waits_for_a_restarting_worker(rt, load, model_kind):

@@ -74,8 +74,8 @@ class Snapshot:
 def snapshot(rt, name: str) -> Snapshot:
     rt.cache.wait_idle()
     gc.collect()
-    pid = rt.model_info(name)["worker"]["pid"]
-    rows = sum(1 for r in rt.cache_rows() if r["tier"] == "ram")
+    pid = rt.model_info(name).worker.pid
+    rows = sum(1 for r in rt.cache_rows() if r.tier == "ram")
     return Snapshot(
         runtime=usage(os.getpid()),
         worker=usage(pid),
@@ -130,20 +130,20 @@ def run(rt, name: str, label: str, n: int, max_tokens: int) -> tuple[Snapshot, S
     started = time.perf_counter()
     for i in range(n):
         result = rt.complete(name, f"probe {i} here", max_tokens=max_tokens)
-        assert len(result["tokens"]) == max_tokens
+        assert len(result.tokens) == max_tokens
     seconds = time.perf_counter() - started
     after = snapshot(rt, name)
     report(label, n, seconds, before, after)
     counters = rt.counters()
     print(
-        f"  cache: {counters['misses']} misses, {counters['hits_prefix']} prefix hits, "
-        f"{counters['saves_cold']} cold and {counters['saves_finish']} finish saves, "
-        f"{counters['evictions']} evictions"
+        f"  cache: {counters.misses} misses, {counters.hits_prefix} prefix hits, "
+        f"{counters.saves_cold} cold and {counters.saves_finish} finish saves, "
+        f"{counters.evictions} evictions"
     )
     # (Nearly) every request saved its context, and the tier churned all along; the odd
     # stub prompt repeats an earlier one (its words hash into 2,048 ids) and hits instead.
-    assert counters["saves_finish"] >= 0.95 * (n + WARM_UP)
-    assert counters["evictions"] >= n
+    assert counters.saves_finish >= 0.95 * (n + WARM_UP)
+    assert counters.evictions >= n
     return before, after
 
 
@@ -151,7 +151,7 @@ def test_ten_thousand_stub_requests_leak_no_memory_descriptors_or_shared_memory(
     load(leak_rt, "stub", n_seq_max=2, n_ctx=128, n_batch=32, stub={"n_vocab": 2048})
     before, after = run(leak_rt, "m", "stub", STUB_REQUESTS, max_tokens=3)
     assert_no_leak(before, after)
-    assert leak_rt.model_info("m")["requests_done"] == STUB_REQUESTS + WARM_UP
+    assert leak_rt.model_info("m").requests_done == STUB_REQUESTS + WARM_UP
 
 
 def test_a_thousand_tiny_model_requests_leak_nothing(leak_rt, load):

@@ -21,16 +21,16 @@ from typing import Any
 import pykka
 
 from erllama_py.cache.meta import MetaActor
-from erllama_py.cache.shared import (
+from erllama_py.cache.state import (
     META_NAME,
     RAM_NAME,
     WRITER_NAME,
     WRITERS_NAME,
-    CacheShared,
+    CacheState,
     tier_actor_name,
 )
 from erllama_py.cache.tiers import FileTierActor, RamTierActor
-from erllama_py.cache.writers import WriterActor
+from erllama_py.cache.writer_pool import WriterActor
 from erllama_py.config import check_tier_roots
 from supervisors import ChildSpec, Supervisor
 
@@ -39,7 +39,7 @@ __all__ = ["CACHE_SUP_NAME", "cache_sup_spec", "start_cache_sup"]
 CACHE_SUP_NAME = "cache_sup"
 
 
-def _writers_sup(shared: CacheShared) -> pykka.ActorRef[Any]:
+def _writers_sup(shared: CacheState) -> pykka.ActorRef[Any]:
     restart = shared.settings.restart
     return Supervisor.start(
         WRITERS_NAME,
@@ -58,7 +58,7 @@ def _writers_sup(shared: CacheShared) -> pykka.ActorRef[Any]:
     )
 
 
-def start_cache_sup(shared: CacheShared) -> pykka.ActorRef[Any]:
+def start_cache_sup(shared: CacheState) -> pykka.ActorRef[Any]:
     """Validate the cache settings that touch the machine, then start the subtree.
 
     Raises:
@@ -101,7 +101,7 @@ def start_cache_sup(shared: CacheShared) -> pykka.ActorRef[Any]:
     )
 
 
-def cache_sup_spec(shared: CacheShared) -> ChildSpec:
+def cache_sup_spec(shared: CacheState) -> ChildSpec:
     """The child spec that puts ``cache_sup`` under the root supervisor."""
     return ChildSpec(
         id=CACHE_SUP_NAME,

@@ -47,26 +47,29 @@ from collections.abc import Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal
 
 from erllama_py.cache import kvc
 from erllama_py.cache.counters import Counters
 from erllama_py.cache.filestore import FileStore
 from erllama_py.cache.key import Namespace, make_key_encoded
 from erllama_py.cache.ramstore import RamEntry, payload_checksum, release_payload
-from erllama_py.cache.rows import RowInfo
 from erllama_py.errors import CacheError, PayloadTooLargeError, ReservationError, TierFullError
+from erllama_py.kinds import SaveReason
 
-__all__ = ["MetaPort", "SaveJob", "SaveResult", "prepare_file_save", "run_save"]
+if TYPE_CHECKING:
+    from erllama_py.cache.meta import MetaActor
+
+__all__ = ["SaveJob", "SaveResult", "prepare_file_save", "run_save"]
 
 log = logging.getLogger("erllama_py.cache")
 
-SAVE_COUNTERS = {
-    "cold": "saves_cold",
-    "continued": "saves_continued",
-    "finish": "saves_finish",
-    "evict": "saves_evict",
-    "shutdown": "saves_shutdown",
+SAVE_COUNTERS: Mapping[SaveReason, str] = {
+    SaveReason.COLD: "saves_cold",
+    SaveReason.CONTINUED: "saves_continued",
+    SaveReason.FINISH: "saves_finish",
+    SaveReason.EVICT: "saves_evict",
+    SaveReason.SHUTDOWN: "saves_shutdown",
 }
 
 
@@ -98,7 +101,7 @@ class SaveJob:
     namespace: Namespace
     tokens: bytes
     payload: Any
-    reason: str
+    reason: SaveReason
     tier: str
     fallback_tiers: tuple[str, ...] = ()
     owns_payload: bool = False
@@ -108,48 +111,6 @@ class SaveJob:
     key: bytes | None = None
     token: int | None = None
     future: Future[SaveResult] = field(default_factory=Future)
-
-
-class MetaPort(Protocol):
-    """What a writer needs from the meta actor (each call is one message)."""
-
-    def reserve(
-        self,
-        key: bytes,
-        tier: str,
-        *,
-        namespace: Namespace,
-        tokens: bytes,
-        size: int,
-        reason: str,
-        writer: str,
-    ) -> int: ...
-
-    def set_temp_path(self, key: bytes, tier: str, token: int, path: Path) -> None: ...
-
-    def check_reservation(self, key: bytes, tier: str, token: int) -> None: ...
-
-    def mark_published(self, key: bytes, tier: str, token: int, path: Path) -> None: ...
-
-    def announce(
-        self,
-        key: bytes,
-        tier: str,
-        token: int,
-        *,
-        size: int,
-        path: Path | None,
-        checksum: int | None,
-        created_ns: int | None,
-    ) -> RowInfo: ...
-
-    def cancel(self, key: bytes, tier: str, token: int) -> None: ...
-
-    def adopt_file(self, tier: str, key: bytes, path: Path) -> RowInfo | None: ...
-
-    def store_ram(self, entry: RamEntry, tier: str) -> RowInfo: ...
-
-    def tier_kind(self, tier: str) -> str: ...
 
 
 def _payload_len(payload: Any) -> int:
@@ -166,7 +127,7 @@ def _payload_buffer(payload: Any) -> Any:
 def run_save(
     job: SaveJob,
     *,
-    meta: MetaPort,
+    meta: MetaActor,
     stores: Mapping[str, FileStore],
     counters: Counters,
     writer: str,
@@ -185,7 +146,7 @@ def run_save(
         last_error: CacheError | None = None
         for tier in (job.tier, *job.fallback_tiers):
             try:
-                if meta.tier_kind(tier) == "ram":
+                if tier not in stores:  # the RAM tier has no file store
                     result = _save_ram(job, tier, meta)
                     keep_payload = result.status == "saved"
                 else:
@@ -227,14 +188,14 @@ def _count(result: SaveResult, job: SaveJob, counters: Counters) -> None:
     if job.demotion:
         counters.incr("demotions")
     else:
-        counters.incr(SAVE_COUNTERS.get(job.reason, "saves_finish"))
+        counters.incr(SAVE_COUNTERS[job.reason])
     if result.status == "adopted":
         counters.incr("adoptions")
     counters.incr("saved_bytes", result.payload_bytes)
     counters.incr("save_bytes_copied", result.copied_bytes)
 
 
-def _save_ram(job: SaveJob, tier: str, meta: MetaPort) -> SaveResult:
+def _save_ram(job: SaveJob, tier: str, meta: MetaActor) -> SaveResult:
     key = make_key_encoded(job.namespace, job.tokens)
     payload = job.payload
     if not job.owns_payload and not isinstance(payload, bytes):
@@ -264,7 +225,7 @@ def _save_ram(job: SaveJob, tier: str, meta: MetaPort) -> SaveResult:
 
 
 def _save_file(
-    job: SaveJob, tier: str, meta: MetaPort, store: FileStore, writer: str
+    job: SaveJob, tier: str, meta: MetaActor, store: FileStore, writer: str
 ) -> SaveResult:
     if job.token is not None:
         assert job.prefix is not None

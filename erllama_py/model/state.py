@@ -7,17 +7,18 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any
 
 from erllama_py.cache.handle import CacheHandle
 from erllama_py.cache.key import Namespace, ctx_params_hash
 from erllama_py.cache.policy import SavePolicy
+from erllama_py.kinds import Phase
 from erllama_py.model.backend import BackendInfo
 from erllama_py.model.bufpool import BufferPool
 from erllama_py.model.protocol import WorkerSpec
+from erllama_py.results import CacheHit
 from supervisors import Registry
 
-__all__ = ["ModelObs", "ModelShared", "actor_name", "sup_name", "worker_name"]
+__all__ = ["ModelObs", "ModelState", "actor_name", "sup_name", "worker_name"]
 
 
 def sup_name(model: str) -> str:
@@ -39,16 +40,16 @@ class ModelObs:
     Values lag by up to one tick.
     """
 
-    phase: str = "idle"
+    phase: Phase = Phase.IDLE
     pending_len: int = 0
     active: int = 0
-    last_cache_hit: dict[str, Any] | None = None
+    last_cache_hit: CacheHit | None = None
     requests_done: int = 0
     tokens_generated: int = 0
 
 
 @dataclass
-class ModelShared:
+class ModelState:
     """One loaded model's shared state (outlives its actor and worker incarnations)."""
 
     name: str

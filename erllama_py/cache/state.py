@@ -1,6 +1,6 @@
 """What every incarnation of the cache's actors shares, so that restarts lose nothing.
 
-`CacheShared` is created once by `erllama_py.cache.start` and handed to the
+`CacheState` is created once by `erllama_py.cache.start` and handed to the
 start function of each actor under ``cache_sup``. It holds the stores (the
 RAM entries and the file tiers' directories), the counters, the name registry,
 and the index currently published by the running meta actor. A restarted
@@ -22,7 +22,7 @@ from erllama_py.config import CacheSettings
 from erllama_py.errors import RuntimeStoppedError
 from supervisors import Registry
 
-__all__ = ["META_NAME", "WRITER_NAME", "CacheShared", "tier_actor_name"]
+__all__ = ["META_NAME", "WRITER_NAME", "CacheState", "tier_actor_name"]
 
 META_NAME = "cache_meta"
 RAM_NAME = "cache_ram"
@@ -37,7 +37,7 @@ def tier_actor_name(kind: str, root: object) -> str:
 
 
 @dataclass
-class CacheShared:
+class CacheState:
     """State that outlives any one actor of the cache tree."""
 
     settings: CacheSettings

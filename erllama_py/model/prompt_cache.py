@@ -21,18 +21,21 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from typing import Any
+from concurrent.futures import Future
 
 from erllama_py.cache.key import encode_tokens
 from erllama_py.cache.policy import cold_save_split
+from erllama_py.cache.publish import SaveResult
 from erllama_py.cache.rows import Claim, RowInfo
 from erllama_py.errors import CacheError, CacheFormatError, InvalidRequestError, ReservationError
+from erllama_py.kinds import HitKind, SaveReason, TierKind
 from erllama_py.model.client import WorkerClient
-from erllama_py.model.request import Request
-from erllama_py.model.shared import ModelShared
+from erllama_py.model.request import RequestState
+from erllama_py.model.state import ModelState
 from erllama_py.model.statebuf import StateBuffer
+from erllama_py.results import CacheHit
 
-__all__ = ["CachePath", "Deferred"]
+__all__ = ["PromptCache", "Deferred"]
 
 log = logging.getLogger("erllama_py.model")
 PREFIX_CANDIDATES = 16  # rows looked at for a prefix hit
@@ -43,19 +46,18 @@ class Deferred(Exception):
     """The request's parent save is still in flight: admit it again a little later."""
 
 
-class CachePath:
+class PromptCache:
     """Cache operations of one model actor (runs in the actor's thread)."""
 
-    def __init__(self, shared: ModelShared, client: WorkerClient) -> None:
+    def __init__(self, shared: ModelState, client: WorkerClient) -> None:
         self.shared = shared
         self.client = client
         self.cache = shared.cache
-        self.counters = shared.cache.shared.counters
         self.namespace = shared.namespace()
 
     # ------------------------------------------------------------------ admission
 
-    def resolve(self, r: Request) -> None:
+    def resolve(self, r: RequestState) -> None:
         """Restore the best cached state for `r`'s prompt into its sequence, or go cold.
 
         Sets the request's context, cursor, logits flag, cache kind and prefix
@@ -69,31 +71,28 @@ class CachePath:
             self._cold(r)
         finally:
             r.t_restore_ms = round((time.perf_counter() - started) * 1000.0, 3)
-            self.shared.obs.last_cache_hit = {
-                "kind": r.cache_kind,
-                "prefix_len": r.cache_prefix_len,
-            }
+            self.shared.obs.last_cache_hit = CacheHit(r.hit, r.hit_len)
 
     def _allowed(self, info: RowInfo) -> bool:
-        return not self.shared.deterministic or info.reason == "cold"
+        return not self.shared.deterministic or info.reason is SaveReason.COLD
 
-    def _exact(self, r: Request) -> bool:
+    def _exact(self, r: RequestState) -> bool:
         key = self.cache.key(self.namespace, r.prompt)
         info = self.cache.lookup_key(key)
         if info is None or not self._allowed(info):
             return False
         if not self._restore(r, key, len(r.prompt)):
             return False
-        self._warm(r, "exact", len(r.prompt))
-        self.counters.incr("hits_exact")
+        self._warm(r, HitKind.EXACT, len(r.prompt))
+        self.cache.count("hits_exact")
         return True
 
-    def _parent(self, r: Request) -> bool:
-        parent = r.options.parent_key
+    def _parent(self, r: RequestState) -> bool:
+        parent = r.request.options.parent_key
         if parent is None:
             return False
         info = self.cache.lookup_key(parent)
-        if info is None and self.cache.shared.index().pending(parent):
+        if info is None and self.cache.pending(parent):
             if not r.parent_deadline:
                 r.parent_deadline = r.t_admit + self.shared.policy.session_resume_wait_ms / 1000
             if time.perf_counter() < r.parent_deadline:
@@ -103,11 +102,11 @@ class CachePath:
         prefix = encode_tokens(r.prompt[: info.n_tokens])
         if not self._restore(r, parent, info.n_tokens, must_equal=prefix):
             return False
-        self._warm(r, "parent", info.n_tokens)
-        self.counters.incr("hits_resume")
+        self._warm(r, HitKind.PARENT, info.n_tokens)
+        self.cache.count("hits_resume")
         return True
 
-    def _prefix(self, r: Request) -> bool:
+    def _prefix(self, r: RequestState) -> bool:
         """The row sharing the most tokens with the prompt that can be restored.
 
         Rows the mode may not use are passed over, and so are rows that would
@@ -133,16 +132,16 @@ class CachePath:
                 continue
             tried += 1
             if self._restore(r, info.key, info.n_tokens, cut=cut):
-                self._warm(r, "prefix", usable)
-                self.counters.incr("hits_prefix")
+                self._warm(r, HitKind.PREFIX, usable)
+                self.cache.count("hits_prefix")
                 return True
             if tried >= PREFIX_ATTEMPTS:
                 break
         return False
 
-    def _warm(self, r: Request, kind: str, restored: int) -> None:
-        r.cache_kind = kind  # type: ignore[assignment]
-        r.cache_prefix_len = restored
+    def _warm(self, r: RequestState, kind: HitKind, restored: int) -> None:
+        r.hit = kind
+        r.hit_len = restored
         r.context = list(r.prompt[:restored])
         r.cursor = list(r.prompt[restored:])
         # A whole-prompt restore carries its logits; a partial one gets them from the prefill.
@@ -153,12 +152,12 @@ class CachePath:
         if r.cursor and policy.saves_enabled and n - restored >= (policy.min_tokens or 0):
             r.end_save_at = n
 
-    def _cold(self, r: Request) -> None:
+    def _cold(self, r: RequestState) -> None:
         assert r.seq is not None
         self.client.clear_seq(r.seq)
-        self.counters.incr("misses")
-        r.cache_kind = "cold"
-        r.cache_prefix_len = 0
+        self.cache.count("misses")
+        r.hit = HitKind.COLD
+        r.hit_len = 0
         r.context = []
         r.cursor = list(r.prompt)
         r.has_logits = False
@@ -180,7 +179,7 @@ class CachePath:
 
     def _restore(
         self,
-        r: Request,
+        r: RequestState,
         key: bytes,
         n_tokens: int,
         *,
@@ -212,7 +211,7 @@ class CachePath:
             ):
                 self.client.clear_seq(r.seq)
                 return False
-            if owned is not None and claim.kind != "ram" and self.cache.promotes_on_hit:
+            if owned is not None and claim.kind is not TierKind.RAM and self.cache.promotes_on_hit:
                 self.cache.promote(claim, owned, owns_payload=True)
                 owned = None
             return True
@@ -224,11 +223,11 @@ class CachePath:
     def _payload(self, claim: Claim) -> tuple[StateBuffer | None, StateBuffer | None, int]:
         """The shared buffer to hand to the worker, the one we own (to give back, close
         or promote), and the payload's size."""
-        if claim.kind == "ram":
+        if claim.kind is TierKind.RAM:
             view = self.cache.load(claim)  # verifies the checksum; no copy
             if view is None:
                 return None, None, 0
-            stored: Any = self.cache.ram_payload(claim)
+            stored = self.cache.ram_payload(claim)
             if isinstance(stored, StateBuffer) and not stored.closed:
                 return stored, None, view.nbytes
             # A row saved through the cache API (bytes, not a shared buffer): one copy.
@@ -266,7 +265,7 @@ class CachePath:
 
     # ------------------------------------------------------------------ save
 
-    def save(self, r: Request, reason: str, *, canonical: bool = False) -> bytes | None:
+    def save(self, r: RequestState, reason: SaveReason, *, canonical: bool = False) -> bytes | None:
         """Pack `r`'s sequence and queue its save; returns the key, or None if refused.
 
         With `canonical` the sequence continues from its saved state even when
@@ -276,7 +275,7 @@ class CachePath:
         if not r.context or not r.has_logits:
             return None
         key = self.cache.key(self.namespace, r.context)
-        if self.cache.lookup_key(key) is not None or self.cache.shared.index().pending(key):
+        if self.cache.lookup_key(key) is not None or self.cache.pending(key):
             # Already saved or being saved (an exact hit that generated one token, a repeated
             # prompt, a finish save right after the cold save of the same tokens): packing
             # megabytes only to be told "already present" would stall the model.
@@ -287,12 +286,12 @@ class CachePath:
         try:
             # Saves a later request may resume from mid-generation (cold, continued) make
             # the live run continue from the saved state, so that resumes are exact.
-            canonical = canonical or reason in ("cold", "continued")
+            canonical = canonical or reason in (SaveReason.COLD, SaveReason.CONTINUED)
             buffer = self.client.pack(r.seq, canonical=canonical)
         except InvalidRequestError as exc:  # no logits yet (a restore was just cut back)
             log.debug("%s save skipped: %s", reason, exc)
             return None
-        self.counters.incr("pack_total_ns", time.perf_counter_ns() - started)
+        self.cache.count("pack_total_ns", time.perf_counter_ns() - started)
         try:
             ticket = self.cache.save_async(
                 self.namespace,
@@ -314,7 +313,7 @@ class CachePath:
         r.last_save_at = len(r.context)
         return ticket.key
 
-    def canonicalize(self, r: Request) -> None:
+    def canonicalize(self, r: RequestState) -> None:
         """Make `r`'s sequence continue from its own packed state, without saving it.
 
         On a sliding-window model past its window a restored state computes
@@ -326,13 +325,13 @@ class CachePath:
         if r.has_logits and 0 < self.shared.info.n_swa < len(r.context):
             self.client.pack(r.seq, canonical=True).close()
 
-    def _duplicate(self, r: Request, key: bytes) -> bytes:
-        self.counters.incr("duplicate_dropped")
+    def _duplicate(self, r: RequestState, key: bytes) -> bytes:
+        self.cache.count("duplicate_dropped")
         r.last_save_at = len(r.context)
         return key
 
 
-def _log_failure(future: Any) -> None:
+def _log_failure(future: Future[SaveResult]) -> None:
     exc = future.exception()
     if exc is not None:
         log.info("cache save failed: %s", exc)

@@ -25,7 +25,7 @@ from erllama_py.config import RestartSettings
 from erllama_py.errors import ModelLoadError
 from erllama_py.model.actor import ModelActor
 from erllama_py.model.client import start_worker
-from erllama_py.model.shared import ModelShared, actor_name, sup_name, worker_name
+from erllama_py.model.state import ModelState, actor_name, sup_name, worker_name
 from supervisors import ChildSpec, ProcessChild, Registry, Supervisor
 
 __all__ = ["MODEL_SUP_NAME", "model_sup_spec", "start_model"]
@@ -34,7 +34,7 @@ MODEL_SUP_NAME = "model_sup"
 WORKER_SHUTDOWN_S = 5.0
 
 
-def _start_worker(shared: ModelShared) -> ProcessChild:
+def _start_worker(shared: ModelState) -> ProcessChild:
     process, info = start_worker(shared.spec)
     if shared._info is not None and info.fingerprint != shared.info.fingerprint:
         process.kill()
@@ -46,7 +46,7 @@ def _start_worker(shared: ModelShared) -> ProcessChild:
     return process
 
 
-def start_model(shared: ModelShared, restart: RestartSettings) -> pykka.ActorRef[Any]:
+def start_model(shared: ModelState, restart: RestartSettings) -> pykka.ActorRef[Any]:
     """Start ``model:<name>``: its worker (the model loads) then its actor.
 
     Raises:

@@ -1,4 +1,4 @@
-"""The writer pool: actors that run saves (`erllama_py.cache.writer.run_save`) off the
+"""The writer pool: actors that run saves (`erllama_py.cache.publish.run_save`) off the
 caller's thread, and the functions that queue jobs to them.
 
 Writers are addressed by name (``cache_writer:<i>``) so a restart never
@@ -17,8 +17,8 @@ from typing import Any
 import pykka
 
 from erllama_py.cache.meta_client import meta_client
-from erllama_py.cache.shared import WRITER_NAME, CacheShared
-from erllama_py.cache.writer import SaveJob, SaveResult, prepare_file_save, run_save
+from erllama_py.cache.publish import SaveJob, SaveResult, prepare_file_save, run_save
+from erllama_py.cache.state import WRITER_NAME, CacheState
 from erllama_py.errors import CacheError, ReservationError, RuntimeStoppedError
 from supervisors import ActorKilledError, SupervisedActor
 
@@ -31,7 +31,7 @@ _incarnations = itertools.count(1)
 class WriterActor(SupervisedActor):
     """Runs save jobs one at a time; a job's failure fails the job, not the writer."""
 
-    def __init__(self, shared: CacheShared, index: int) -> None:
+    def __init__(self, shared: CacheState, index: int) -> None:
         super().__init__()
         self.shared = shared
         self.name = WRITER_NAME.format(index)
@@ -43,7 +43,7 @@ class WriterActor(SupervisedActor):
     def on_stop(self) -> None:
         self._ended()
 
-    def on_failure(self, *_exc_info: Any) -> None:
+    def on_failure(self, *_exc_info: object) -> None:
         self._ended()
 
     def _ended(self) -> None:
@@ -57,7 +57,7 @@ class WriterActor(SupervisedActor):
                 break
             if isinstance(envelope.message, SaveJob):
                 _fail(envelope.message, CacheError("the writer stopped before this save ran"))
-        meta_client(self.shared).tell("writer_down", self.writer_id)
+        meta_client(self.shared).tell.writer_down(self.writer_id)
 
     def on_receive(self, message: Any) -> Any:
         if isinstance(message, SaveJob):
@@ -69,7 +69,7 @@ class WriterActor(SupervisedActor):
         try:
             result = run_save(
                 job,
-                meta=meta_client(self.shared),
+                meta=meta_client(self.shared).ask,
                 stores=self.shared.files,
                 counters=self.shared.counters,
                 writer=self.writer_id,
@@ -97,7 +97,7 @@ def _fail(job: SaveJob, exc: BaseException) -> None:
         job.future.set_exception(exc)
 
 
-def pick_writer(shared: CacheShared, *, wait: bool = True) -> tuple[pykka.ActorRef[Any], str]:
+def pick_writer(shared: CacheState, *, wait: bool = True) -> tuple[pykka.ActorRef[Any], str]:
     """The live writer with the fewest jobs in flight, and its id (waiting a little across a
     restart if `wait`).
 
@@ -129,7 +129,7 @@ def pick_writer(shared: CacheShared, *, wait: bool = True) -> tuple[pykka.ActorR
     return best[1], best[2]
 
 
-def submit_reserved(shared: CacheShared, job: SaveJob) -> bytes:
+def submit_reserved(shared: CacheState, job: SaveJob) -> bytes:
     """Frame and reserve in the calling thread, then queue the write; returns the key.
 
     After this returns, a request waiting for the key sees the save in flight.
@@ -142,7 +142,7 @@ def submit_reserved(shared: CacheShared, job: SaveJob) -> bytes:
     prefix, key, size = prepare_file_save(job)
     ref, writer_id = pick_writer(shared)
     try:
-        token = meta_client(shared).reserve(
+        token = meta_client(shared).ask.reserve(
             key,
             job.tier,
             namespace=job.namespace,
@@ -166,12 +166,12 @@ def submit_reserved(shared: CacheShared, job: SaveJob) -> bytes:
     try:
         ref.tell(job)
     except pykka.ActorDeadError:
-        meta_client(shared).tell("cancel", key, job.tier, token)
+        meta_client(shared).tell.cancel(key, job.tier, token)
         _fail(job, CacheError("the writer stopped before this save ran"))
     return key
 
 
-def submit_unreserved(shared: CacheShared, job: SaveJob) -> None:
+def submit_unreserved(shared: CacheState, job: SaveJob) -> None:
     """Queue a job that reserves for itself (demotions: nobody waits for them).
 
     Safe to call from the meta actor's own thread: it sends no message to it.
