@@ -661,7 +661,7 @@ def _daemon(raw: object) -> DaemonSettings:
 # --------------------------------------------------------------------------- entry points
 
 
-def parse_config(raw: Mapping[str, Any] | None) -> Config:
+def parse_config(raw: Mapping[str, object] | None) -> Config:
     """Validate a raw mapping (as read from YAML) into a `Config`.
 
     Raises:
@@ -692,7 +692,9 @@ def parse_config(raw: Mapping[str, Any] | None) -> Config:
     return config
 
 
-def load_config(source: str | os.PathLike[str] | Mapping[str, Any] | Config | None) -> Config:
+def load_config(
+    source: str | os.PathLike[str] | Mapping[str, object] | Config | None,
+) -> Config:
     """Load a configuration from a YAML path, a mapping, a `Config`, or defaults (None).
 
     Raises:

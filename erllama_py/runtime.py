@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Unpack
+from typing import Unpack
 
 import pykka
 
@@ -36,7 +36,7 @@ __all__ = ["Runtime", "astart", "start"]
 ACTOR_WAIT_S = 30.0  # a restarting registry is waited for this long
 LOAD_TIMEOUT_S = 600.0
 
-ConfigSource = str | Path | Mapping[str, Any] | Config | None
+ConfigSource = str | Path | Mapping[str, object] | Config | None
 """A sys.yaml path, a mapping (sys.yaml's structure), a `Config`, or None for defaults."""
 
 

@@ -15,7 +15,6 @@ supervisor) and use the returned `CacheHandle`::
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
 
 from erllama_py.cache.counters import CounterSnapshot as CounterSnapshot
 from erllama_py.cache.counters import TierStats as TierStats
@@ -49,7 +48,7 @@ __all__ = [
 ]
 
 
-def start(config: CacheSettings | Config | Mapping[str, Any] | None = None) -> CacheHandle:
+def start(config: CacheSettings | Config | Mapping[str, object] | None = None) -> CacheHandle:
     """Start a cache on its own supervision subtree.
 
     `config` is a `CacheSettings`, a whole `Config`, the ``cache:`` mapping of

@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import threading
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any
 
 from erllama_py.kinds import TierKind
+from erllama_py.params import JSON
 
 __all__ = ["COUNTER_NAMES", "CounterSnapshot", "Counters", "TierStats"]
 
@@ -121,9 +121,11 @@ class CounterSnapshot:
         }
         return CounterSnapshot(**grown, tiers=self.tiers)
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> dict[str, JSON]:
         """JSON-serialisable form: counter name -> value, and ``tiers`` as a list of dicts."""
-        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "tiers"}
+        out: dict[str, JSON] = {
+            f.name: getattr(self, f.name) for f in fields(self) if f.name != "tiers"
+        }
         out["tiers"] = [{**asdict(t), "kind": str(t.kind)} for t in self.tiers]
         return out
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
@@ -20,8 +20,9 @@ from erllama_py.cache import kvc
 from erllama_py.cache.counters import CounterSnapshot, TierStats
 from erllama_py.cache.key import Namespace, TokenInput, encode_tokens, make_key_encoded, prefix_keys
 from erllama_py.cache.meta_client import MetaClient
+from erllama_py.cache.payload import Payload, payload_checksum, payload_view
 from erllama_py.cache.publish import SaveJob, SaveResult, run_save
-from erllama_py.cache.ramstore import RamEntry, payload_checksum
+from erllama_py.cache.ramstore import RamEntry
 from erllama_py.cache.rows import Claim, PrefixHit, RowInfo
 from erllama_py.cache.state import CacheState
 from erllama_py.cache.writer_pool import submit_reserved
@@ -30,7 +31,7 @@ from erllama_py.kinds import SaveReason, TierKind
 
 __all__ = ["CacheHandle", "SaveTicket"]
 
-Allocator = Callable[[int], Any]
+Allocator = kvc.Allocator
 
 
 @dataclass(frozen=True)
@@ -60,12 +61,12 @@ class CacheHandle:
         self,
         namespace: Namespace,
         tokens: TokenInput | bytes,
-        payload: Any,
+        payload: Payload,
         *,
         tier: str | None = None,
         reason: SaveReason | str = SaveReason.FINISH,
         owns_payload: bool = False,
-        extra: dict[str, Any] | None = None,
+        extra: Mapping[str, object] | None = None,
     ) -> SaveTicket:
         """Queue a save; returns at once with the key (goes through the meta actor).
 
@@ -103,12 +104,12 @@ class CacheHandle:
         self,
         namespace: Namespace,
         tokens: TokenInput | bytes,
-        payload: Any,
+        payload: Payload,
         *,
         tier: str | None = None,
         reason: SaveReason | str = SaveReason.FINISH,
         owns_payload: bool = False,
-        extra: dict[str, Any] | None = None,
+        extra: Mapping[str, object] | None = None,
         timeout: float | None = 60.0,
     ) -> bytes:
         """Save and wait until the row is published; returns its key.
@@ -282,7 +283,10 @@ class CacheHandle:
             if promote is None:
                 promote = self.shared.settings.promote_on_hit and allocate is None
             if promote:
-                self.promote(claim, payload.obj if allocate is None else payload)
+                obj = payload.obj
+                self.promote(
+                    claim, obj if allocate is None and isinstance(obj, bytearray) else payload
+                )
             return payload.toreadonly()
         finally:
             self.shared.counters.incr("load_total_ns", time.perf_counter_ns() - started)
@@ -317,7 +321,7 @@ class CacheHandle:
         """Whether hits in a slower tier are copied to RAM (``promote_on_hit``)."""
         return self.shared.settings.promote_on_hit
 
-    def ram_payload(self, claim: Claim) -> Any:
+    def ram_payload(self, claim: Claim) -> Payload | None:
         """The stored payload object of a claimed RAM row (for zero-copy handoff), or None."""
         entry = self.shared.ram.get(claim.key)
         return None if entry is None else entry.payload
@@ -330,7 +334,7 @@ class CacheHandle:
         """Release a claim's pin (mailbox, without waiting)."""
         self._meta.tell.checkin(claim.holder)
 
-    def promote(self, claim: Claim, payload: Any, *, owns_payload: bool = False) -> bool:
+    def promote(self, claim: Claim, payload: Payload, *, owns_payload: bool = False) -> bool:
         """Copy a slower tier's hit into RAM, by reference (mailbox, without waiting).
 
         Returns False when there is no RAM tier or the row is already in RAM.
@@ -342,7 +346,7 @@ class CacheHandle:
             return False
         if claim.tier == ram or index.row(claim.key, ram) is not None:
             return False
-        view = memoryview(payload.view() if hasattr(payload, "view") else payload).cast("B")
+        view = payload_view(payload)
         entry = RamEntry(
             key=claim.key,
             namespace=claim.namespace,

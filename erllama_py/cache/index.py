@@ -29,7 +29,15 @@ from pathlib import Path
 
 from erllama_py.cache.actions import Action, Adopt, Demote, Drop, PersistHits, RemoveTemp
 from erllama_py.cache.key import Namespace, key_hex
-from erllama_py.cache.rows import Claim, PrefixHit, Reservation, Row, RowInfo
+from erllama_py.cache.rows import (
+    Announcement,
+    Claim,
+    PrefixHit,
+    Reservation,
+    ReserveRequest,
+    Row,
+    RowInfo,
+)
 from erllama_py.cache.trie import TokenTrie
 from erllama_py.config import TierSettings
 from erllama_py.errors import (
@@ -38,7 +46,6 @@ from erllama_py.errors import (
     TierFullError,
     UnknownTierError,
 )
-from erllama_py.kinds import SaveReason
 
 __all__ = ["CacheIndex"]
 
@@ -228,17 +235,7 @@ class CacheIndex:
 
     # ------------------------------------------------------------------ the publish protocol
 
-    def reserve(
-        self,
-        key: bytes,
-        tier: str,
-        *,
-        namespace: Namespace,
-        tokens: bytes,
-        size: int,
-        reason: SaveReason,
-        writer: str,
-    ) -> tuple[Reservation, list[Action]]:
+    def reserve(self, request: ReserveRequest) -> tuple[Reservation, list[Action]]:
         """Reserve the right to publish (key, tier) and `size` bytes of the tier's quota.
 
         Evicts the tier's least recently used unpinned rows if needed (returned
@@ -248,7 +245,8 @@ class CacheIndex:
             UnknownTierError, PayloadTooLargeError, TierFullError,
             ReservationError: ``already_present`` or ``conflict``.
         """
-        tier = self.resolve_tier(tier)
+        key, size = request.key, request.size
+        tier = self.resolve_tier(request.tier)
         quota = self._tiers[tier].quota_bytes
         if size > quota:
             raise PayloadTooLargeError(tier, size, quota)
@@ -265,11 +263,11 @@ class CacheIndex:
             key=key,
             tier=tier,
             token=next(self._ids),
-            writer=writer,
+            writer=request.writer,
             size=size,
-            namespace=namespace,
-            tokens=tokens,
-            reason=reason,
+            namespace=request.namespace,
+            tokens=request.tokens,
+            reason=request.reason,
             expires=self._clock() + self._ttl,
         )
         self._reservations[(key, tier)] = reservation
@@ -296,17 +294,7 @@ class CacheIndex:
         res.temp_path = None
         res.expires = self._clock() + self._ttl
 
-    def announce(
-        self,
-        key: bytes,
-        tier: str,
-        token: int,
-        *,
-        size: int,
-        path: Path | None = None,
-        checksum: int | None = None,
-        created_ns: int | None = None,
-    ) -> tuple[RowInfo, list[Action]]:
+    def announce(self, announcement: Announcement) -> tuple[RowInfo, list[Action]]:
         """Make the reserved row available and wake the waiters for its key.
 
         `size` may differ from the reservation (an adopted existing file);
@@ -315,7 +303,9 @@ class CacheIndex:
         Raises:
             ReservationError: ``expired``.
         """
-        res = self._live(key, tier, token)
+        key, tier, size = announcement.key, announcement.tier, announcement.size
+        created_ns = announcement.created_ns
+        res = self._live(key, tier, announcement.token)
         del self._reservations[(key, tier)]
         self._used[tier] -= res.size
         row = Row(
@@ -327,8 +317,8 @@ class CacheIndex:
             size=size,
             reason=res.reason,
             created_ns=created_ns if created_ns is not None else time.time_ns(),
-            path=path if path is not None else res.path,
-            checksum=checksum,
+            path=announcement.path if announcement.path is not None else res.path,
+            checksum=announcement.checksum,
             last_used=self._clock(),
         )
         actions = self._install(row)

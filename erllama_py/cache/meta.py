@@ -25,14 +25,14 @@ import pykka
 
 from erllama_py.cache.actions import Action, Adopt, Demote, Drop, PersistHits, RemoveTemp
 from erllama_py.cache.index import CacheIndex
-from erllama_py.cache.key import Namespace, key_hex
+from erllama_py.cache.key import key_hex
 from erllama_py.cache.publish import SaveJob
 from erllama_py.cache.ramstore import RamEntry
-from erllama_py.cache.rows import Claim, Row, RowInfo
+from erllama_py.cache.rows import Announcement, Claim, Reservation, ReserveRequest, Row, RowInfo
 from erllama_py.cache.state import CacheState, tier_actor_name
 from erllama_py.cache.writer_pool import submit_unreserved
 from erllama_py.errors import CacheError, CacheFormatError, ReservationError
-from erllama_py.kinds import SaveReason, TierKind
+from erllama_py.kinds import TierKind
 from supervisors import SupervisedActor
 
 __all__ = ["MetaActor"]
@@ -117,37 +117,22 @@ class MetaActor(SupervisedActor):
 
     # ------------------------------------------------------------------ publish protocol
 
-    def reserve(
-        self,
-        key: bytes,
-        tier: str,
-        *,
-        namespace: Namespace,
-        tokens: bytes,
-        size: int,
-        reason: SaveReason,
-        writer: str,
-    ) -> int:
+    def reserve(self, request: ReserveRequest) -> int:
         """Reserve (key, tier); returns the reservation token (see `CacheIndex.reserve`)."""
+        return self._reserve(request).token
+
+    def _reserve(self, request: ReserveRequest) -> Reservation:
         index = self._index
         try:
             with index.lock:
-                res, actions = index.reserve(
-                    key,
-                    tier,
-                    namespace=namespace,
-                    tokens=tokens,
-                    size=size,
-                    reason=reason,
-                    writer=writer,
-                )
+                res, actions = index.reserve(request)
         except CacheError as exc:
             if not isinstance(exc, ReservationError):
                 self.shared.counters.incr("quota_refusals")
             raise
         self._run(actions, evictions=True)
         self._update_gauges()
-        return res.token
+        return res
 
     def set_temp_path(self, key: bytes, tier: str, token: int, path: Path) -> None:
         with self._index.lock:
@@ -161,21 +146,10 @@ class MetaActor(SupervisedActor):
         with self._index.lock:
             self._index.mark_published(key, tier, token, path)
 
-    def announce(
-        self,
-        key: bytes,
-        tier: str,
-        token: int,
-        *,
-        size: int,
-        path: Path | None,
-        checksum: int | None,
-        created_ns: int | None,
-    ) -> RowInfo:
+    def announce(self, announcement: Announcement) -> RowInfo:
+        """Publish a reserved row (see `CacheIndex.announce`)."""
         with self._index.lock:
-            info, actions = self._index.announce(
-                key, tier, token, size=size, path=path, checksum=checksum, created_ns=created_ns
-            )
+            info, actions = self._index.announce(announcement)
         self._run(actions, evictions=True)
         self._update_gauges()
         return info
@@ -210,32 +184,22 @@ class MetaActor(SupervisedActor):
         Raises:
             ReservationError: ``already_present``; PayloadTooLargeError / TierFullError.
         """
-        index = self._index
-        try:
-            with index.lock:
-                res, actions = index.reserve(
-                    entry.key,
-                    tier,
-                    namespace=entry.namespace,
-                    tokens=entry.tokens,
-                    size=entry.size,
-                    reason=entry.reason,
-                    writer="ram",
-                )
-        except CacheError as exc:
-            if not isinstance(exc, ReservationError):
-                self.shared.counters.incr("quota_refusals")
-            raise
-        self._run(actions, evictions=True)
+        request = ReserveRequest(
+            entry.key, tier, entry.namespace, entry.tokens, entry.size, entry.reason, "ram"
+        )
+        res = self._reserve(request)
         self.shared.ram.put(entry)
+        index = self._index
         with index.lock:
             info, more = index.announce(
-                entry.key,
-                res.tier,
-                res.token,
-                size=entry.size,
-                checksum=entry.checksum,
-                created_ns=entry.created_ns,
+                Announcement(
+                    entry.key,
+                    res.tier,
+                    res.token,
+                    entry.size,
+                    checksum=entry.checksum,
+                    created_ns=entry.created_ns,
+                )
             )
         self._run(more, evictions=True)
         self._update_gauges()

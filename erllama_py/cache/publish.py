@@ -47,13 +47,15 @@ from collections.abc import Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Literal
 
 from erllama_py.cache import kvc
 from erllama_py.cache.counters import Counters
 from erllama_py.cache.filestore import FileStore
 from erllama_py.cache.key import Namespace, make_key_encoded
-from erllama_py.cache.ramstore import RamEntry, payload_checksum, release_payload
+from erllama_py.cache.payload import Payload, payload_checksum, payload_view, release_payload
+from erllama_py.cache.ramstore import RamEntry
+from erllama_py.cache.rows import Announcement, ReserveRequest
 from erllama_py.errors import CacheError, PayloadTooLargeError, ReservationError, TierFullError
 from erllama_py.kinds import SaveReason
 
@@ -100,28 +102,21 @@ class SaveJob:
 
     namespace: Namespace
     tokens: bytes
-    payload: Any
+    payload: Payload
     reason: SaveReason
     tier: str
     fallback_tiers: tuple[str, ...] = ()
     owns_payload: bool = False
-    extra: Mapping[str, Any] | None = None
+    extra: Mapping[str, object] | None = None
     demotion: bool = False
     prefix: bytes | None = None
     key: bytes | None = None
     token: int | None = None
     future: Future[SaveResult] = field(default_factory=Future)
 
-
-def _payload_len(payload: Any) -> int:
-    view = getattr(payload, "view", None)
-    buf = view() if callable(view) else payload
-    return memoryview(buf).nbytes
-
-
-def _payload_buffer(payload: Any) -> Any:
-    view = getattr(payload, "view", None)
-    return view() if callable(view) else payload
+    def reserve_request(self, key: bytes, tier: str, size: int, writer: str) -> ReserveRequest:
+        """What to reserve for this job's row of `size` bytes in `tier`."""
+        return ReserveRequest(key, tier, self.namespace, self.tokens, size, self.reason, writer)
 
 
 def run_save(
@@ -174,7 +169,7 @@ def run_save(
 
 def prepare_file_save(job: SaveJob) -> tuple[bytes, bytes, int]:
     """Step 1 for a file tier: frame the row. Returns (prefix, key, file size)."""
-    buffer = _payload_buffer(job.payload)
+    buffer = payload_view(job.payload)
     prefix, key = kvc.build_prefix_encoded(
         job.namespace, job.tokens, buffer, job.reason, extra=job.extra
     )
@@ -200,8 +195,8 @@ def _save_ram(job: SaveJob, tier: str, meta: MetaActor) -> SaveResult:
     payload = job.payload
     if not job.owns_payload and not isinstance(payload, bytes):
         # A caller's mutable buffer: the RAM tier must own an immutable copy.
-        payload = bytes(memoryview(_payload_buffer(payload)).cast("B"))
-    size = _payload_len(payload)
+        payload = bytes(payload_view(payload))
+    size = payload_view(payload).nbytes
     copied = 0 if payload is job.payload else size
     entry = RamEntry(
         key=key,
@@ -234,15 +229,7 @@ def _save_file(
     else:
         prefix, key, size = prepare_file_save(job)
         try:
-            token = meta.reserve(
-                key,
-                tier,
-                namespace=job.namespace,
-                tokens=job.tokens,
-                size=size,
-                reason=job.reason,
-                writer=writer,
-            )
+            token = meta.reserve(job.reserve_request(key, tier, size, writer))
         except ReservationError as exc:
             if exc.reason == "already_present":
                 return SaveResult(key, tier, size, "already_present")
@@ -252,7 +239,7 @@ def _save_file(
     try:
         # Inside the try: a payload that can no longer be read (a released shared buffer)
         # must cancel the reservation, not leave a "writing" row until its TTL.
-        buffer = _payload_buffer(job.payload)
+        buffer = payload_view(job.payload)
         meta.set_temp_path(key, tier, token, temp)
         store.write_temp(temp, prefix, buffer)
         written = memoryview(buffer).nbytes  # one copy: from the buffer to the file
@@ -262,13 +249,15 @@ def _save_file(
         header = kvc.parse_prefix(prefix)
         meta.mark_published(key, tier, token, final)
         meta.announce(
-            key,
-            tier,
-            token,
-            size=final_size,
-            path=final,
-            checksum=None if adopted else header.payload_checksum,
-            created_ns=None if adopted else header.created,
+            Announcement(
+                key,
+                tier,
+                token,
+                final_size,
+                final,
+                checksum=None if adopted else header.payload_checksum,
+                created_ns=None if adopted else header.created,
+            )
         )
         status: Literal["saved", "adopted"] = "adopted" if adopted else "saved"
         return SaveResult(key, tier, final_size, status, written, written)

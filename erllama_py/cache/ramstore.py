@@ -11,37 +11,15 @@ loads read entries from any thread.
 
 from __future__ import annotations
 
-import contextlib
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
-
-import xxhash
 
 from erllama_py.cache.key import Namespace
+from erllama_py.cache.payload import Payload, payload_view, release_payload
 from erllama_py.kinds import SaveReason
 
-__all__ = ["RamEntry", "RamStore", "payload_checksum", "release_payload"]
-
-
-def payload_checksum(payload: Any) -> int:
-    """xxh3-64 of a buffer (bytes, bytearray, memoryview, mmap, shared buffer view)."""
-    return int(xxhash.xxh3_64_intdigest(_view(payload)))
-
-
-def _view(payload: Any) -> Any:
-    view = getattr(payload, "view", None)
-    return view() if callable(view) else payload
-
-
-def release_payload(payload: Any) -> None:
-    """Close a payload that owns resources (shared memory); plain bytes need nothing."""
-    close = getattr(payload, "close", None)
-    if callable(close):
-        # A reader still holding a view keeps the memory alive; it goes with the last view.
-        with contextlib.suppress(BufferError):
-            close()
+__all__ = ["RamEntry", "RamStore"]
 
 
 @dataclass(frozen=True)
@@ -55,11 +33,11 @@ class RamEntry:
     created_ns: int
     checksum: int
     size: int
-    payload: Any
+    payload: Payload
 
     def view(self) -> memoryview:
         """A read-only view of the payload bytes (no copy)."""
-        return memoryview(_view(self.payload)).cast("B").toreadonly()
+        return payload_view(self.payload).toreadonly()
 
 
 class RamStore:

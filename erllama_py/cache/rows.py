@@ -8,8 +8,18 @@ from typing import Literal
 
 from erllama_py.cache.key import Namespace, key_hex
 from erllama_py.kinds import SaveReason, TierKind
+from erllama_py.params import JSON
 
-__all__ = ["Claim", "PrefixHit", "Reservation", "Row", "RowInfo", "Stage"]
+__all__ = [
+    "Announcement",
+    "Claim",
+    "PrefixHit",
+    "Reservation",
+    "ReserveRequest",
+    "Row",
+    "RowInfo",
+    "Stage",
+]
 
 Stage = Literal["pre_link", "post_link"]
 
@@ -36,6 +46,33 @@ class Row:
     @property
     def n_tokens(self) -> int:
         return len(self.tokens) // 4
+
+
+@dataclass(frozen=True)
+class ReserveRequest:
+    """A writer's request to publish a row: (key, tier), its bytes and what it holds."""
+
+    key: bytes
+    tier: str
+    namespace: Namespace
+    tokens: bytes
+    size: int
+    reason: SaveReason
+    writer: str
+
+
+@dataclass(frozen=True)
+class Announcement:
+    """A reserved row is published: its final size (an adopted file's may differ), path,
+    payload checksum and creation time (None: now)."""
+
+    key: bytes
+    tier: str
+    token: int
+    size: int
+    path: Path | None = None
+    checksum: int | None = None
+    created_ns: int | None = None
 
 
 @dataclass
@@ -76,7 +113,7 @@ class RowInfo:
     def key_hex(self) -> str:
         return key_hex(self.key)
 
-    def to_dict(self) -> dict[str, object]:
+    def to_dict(self) -> dict[str, JSON]:
         """JSON-serialisable form."""
         return {
             "key": self.key_hex,

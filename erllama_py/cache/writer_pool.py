@@ -142,15 +142,7 @@ def submit_reserved(shared: CacheState, job: SaveJob) -> bytes:
     prefix, key, size = prepare_file_save(job)
     ref, writer_id = pick_writer(shared)
     try:
-        token = meta_client(shared).ask.reserve(
-            key,
-            job.tier,
-            namespace=job.namespace,
-            tokens=job.tokens,
-            size=size,
-            reason=job.reason,
-            writer=writer_id,
-        )
+        token = meta_client(shared).ask.reserve(job.reserve_request(key, job.tier, size, writer_id))
     except ReservationError as exc:
         if exc.reason != "already_present":
             shared.counters.incr("saves_dropped")

@@ -974,6 +974,7 @@ def test_check_accepts_a_file_linked_by_a_save_in_flight(cache: CacheHandle, ns:
     being written: the check must not call that file unknown (it raced demotions)."""
     from erllama_py.cache.key import encode_tokens
     from erllama_py.cache.meta_client import meta_client
+    from erllama_py.cache.rows import ReserveRequest
     from erllama_py.kinds import SaveReason
 
     disk = tier_of(cache, "disk")
@@ -981,13 +982,15 @@ def test_check_accepts_a_file_linked_by_a_save_in_flight(cache: CacheHandle, ns:
     prefix, key = kvc.build_prefix(ns, [5, 6, 7], body, "cold")
     meta = meta_client(cache.shared).ask
     token = meta.reserve(
-        key,
-        disk,
-        namespace=ns,
-        tokens=encode_tokens([5, 6, 7]),
-        size=len(prefix) + len(body),
-        reason=SaveReason.COLD,
-        writer="test",
+        ReserveRequest(
+            key,
+            disk,
+            namespace=ns,
+            tokens=encode_tokens([5, 6, 7]),
+            size=len(prefix) + len(body),
+            reason=SaveReason.COLD,
+            writer="test",
+        )
     )
     final = cache.shared.files[disk].final_path(key)
     final.write_bytes(prefix + body)  # as if linked, not yet announced

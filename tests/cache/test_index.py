@@ -11,7 +11,7 @@ import pytest
 from erllama_py.cache.actions import Adopt, Demote, Drop, RemoveTemp
 from erllama_py.cache.index import CacheIndex
 from erllama_py.cache.key import Namespace, encode_tokens, make_key
-from erllama_py.cache.rows import Row, RowInfo
+from erllama_py.cache.rows import Announcement, ReserveRequest, Row, RowInfo
 from erllama_py.config import TierSettings
 from erllama_py.errors import (
     PayloadTooLargeError,
@@ -67,15 +67,19 @@ def row(tokens: list[int], tier: str = "ram", size: int = 100, ns: Namespace = N
 def save(index: CacheIndex, tokens: list[int], tier: str = "disk", size: int = 100) -> RowInfo:
     key = make_key(NS, tokens)
     res, _ = index.reserve(
-        key,
-        tier,
-        namespace=NS,
-        tokens=encode_tokens(tokens),
-        size=size,
-        reason="cold",
-        writer="w1",
+        ReserveRequest(
+            key,
+            tier,
+            namespace=NS,
+            tokens=encode_tokens(tokens),
+            size=size,
+            reason="cold",
+            writer="w1",
+        )
     )
-    info, _ = index.announce(key, res.tier, res.token, size=size, path=Path(f"/d/{key.hex()}"))
+    info, _ = index.announce(
+        Announcement(key, res.tier, res.token, size=size, path=Path(f"/d/{key.hex()}"))
+    )
     return info
 
 
@@ -165,7 +169,9 @@ def test_reserve_creates_a_writing_row() -> None:
     index, _ = make_index()
     key = make_key(NS, [5])
     index.reserve(
-        key, "disk", namespace=NS, tokens=encode_tokens([5]), size=10, reason="cold", writer="w"
+        ReserveRequest(
+            key, "disk", namespace=NS, tokens=encode_tokens([5]), size=10, reason="cold", writer="w"
+        )
     )
     [info] = index.rows()
     assert info.status == "writing"
@@ -186,9 +192,9 @@ def test_reserve_rejects_a_concurrent_live_writer() -> None:
     index, _ = make_index()
     key = make_key(NS, [5])
     kwargs = {"namespace": NS, "tokens": encode_tokens([5]), "size": 10, "reason": "cold"}
-    index.reserve(key, "disk", writer="a", **kwargs)  # type: ignore[arg-type]
+    index.reserve(ReserveRequest(key, "disk", writer="a", **kwargs))  # type: ignore[arg-type]
     with pytest.raises(ReservationError) as info:
-        index.reserve(key, "disk", writer="b", **kwargs)  # type: ignore[arg-type]
+        index.reserve(ReserveRequest(key, "disk", writer="b", **kwargs))  # type: ignore[arg-type]
     assert info.value.reason == "conflict"
 
 
@@ -196,9 +202,9 @@ def test_a_stale_reservation_is_cleaned_and_replaced() -> None:
     index, clock = make_index()
     key = make_key(NS, [5])
     kwargs = {"namespace": NS, "tokens": encode_tokens([5]), "size": 10, "reason": "cold"}
-    old, _ = index.reserve(key, "disk", writer="a", **kwargs)  # type: ignore[arg-type]
+    old, _ = index.reserve(ReserveRequest(key, "disk", writer="a", **kwargs))  # type: ignore[arg-type]
     clock.now += 61
-    new, actions = index.reserve(key, "disk", writer="b", **kwargs)  # type: ignore[arg-type]
+    new, actions = index.reserve(ReserveRequest(key, "disk", writer="b", **kwargs))  # type: ignore[arg-type]
     assert new.token != old.token
     assert any(isinstance(a, Adopt) for a in actions)
     with pytest.raises(ReservationError):
@@ -211,7 +217,9 @@ def test_check_reservation_refreshes_the_ttl() -> None:
     index, clock = make_index()
     key = make_key(NS, [5])
     res, _ = index.reserve(
-        key, "disk", namespace=NS, tokens=encode_tokens([5]), size=10, reason="cold", writer="w"
+        ReserveRequest(
+            key, "disk", namespace=NS, tokens=encode_tokens([5]), size=10, reason="cold", writer="w"
+        )
     )
     clock.now += 50
     index.check_reservation(key, res.tier, res.token)
@@ -240,7 +248,9 @@ def test_cancel_clears_the_reservation_and_its_bytes() -> None:
     index, _ = make_index()
     key = make_key(NS, [5])
     res, _ = index.reserve(
-        key, "disk", namespace=NS, tokens=encode_tokens([5]), size=10, reason="cold", writer="w"
+        ReserveRequest(
+            key, "disk", namespace=NS, tokens=encode_tokens([5]), size=10, reason="cold", writer="w"
+        )
     )
     index.cancel(key, res.tier, res.token + 1)  # wrong token: no-op
     assert index.pending(key)
@@ -253,7 +263,9 @@ def test_writer_death_before_link_removes_the_temp_and_looks_for_a_final_file() 
     index, _ = make_index()
     key = make_key(NS, [5])
     res, _ = index.reserve(
-        key, "disk", namespace=NS, tokens=encode_tokens([5]), size=10, reason="cold", writer="w"
+        ReserveRequest(
+            key, "disk", namespace=NS, tokens=encode_tokens([5]), size=10, reason="cold", writer="w"
+        )
     )
     index.set_temp_path(key, res.tier, res.token, Path("/d/x.tmp"))
     actions = index.writer_down("w")
@@ -266,7 +278,9 @@ def test_writer_death_after_link_asks_for_adoption() -> None:
     index, _ = make_index()
     key = make_key(NS, [5])
     res, _ = index.reserve(
-        key, "disk", namespace=NS, tokens=encode_tokens([5]), size=10, reason="cold", writer="w"
+        ReserveRequest(
+            key, "disk", namespace=NS, tokens=encode_tokens([5]), size=10, reason="cold", writer="w"
+        )
     )
     index.mark_published(key, res.tier, res.token, Path("/d/final.kvc"))
     [action] = index.writer_down("w")
@@ -279,7 +293,9 @@ def test_a_dead_writers_reservation_is_not_live() -> None:
     index, _ = make_index(alive=False)
     key = make_key(NS, [5])
     index.reserve(
-        key, "disk", namespace=NS, tokens=encode_tokens([5]), size=10, reason="cold", writer="w"
+        ReserveRequest(
+            key, "disk", namespace=NS, tokens=encode_tokens([5]), size=10, reason="cold", writer="w"
+        )
     )
     assert len(index.expire_stale()) == 1
     assert index.rows() == []
@@ -304,12 +320,14 @@ def test_a_parked_waiter_gets_the_row_when_the_save_publishes() -> None:
     index, _ = make_index()
     key = make_key(NS, [5])
     res, _ = index.reserve(
-        key, "disk", namespace=NS, tokens=encode_tokens([5]), size=10, reason="cold", writer="w"
+        ReserveRequest(
+            key, "disk", namespace=NS, tokens=encode_tokens([5]), size=10, reason="cold", writer="w"
+        )
     )
     future: Future[RowInfo | None] = Future()
     index.add_waiter(key, future)
     assert not future.done()
-    info, _ = index.announce(key, res.tier, res.token, size=10)
+    info, _ = index.announce(Announcement(key, res.tier, res.token, size=10))
     assert future.result(0) == info
 
 
@@ -317,7 +335,9 @@ def test_a_parked_waiter_gets_a_miss_when_the_save_is_cancelled() -> None:
     index, _ = make_index()
     key = make_key(NS, [5])
     res, _ = index.reserve(
-        key, "disk", namespace=NS, tokens=encode_tokens([5]), size=10, reason="cold", writer="w"
+        ReserveRequest(
+            key, "disk", namespace=NS, tokens=encode_tokens([5]), size=10, reason="cold", writer="w"
+        )
     )
     future: Future[RowInfo | None] = Future()
     index.add_waiter(key, future)
@@ -342,7 +362,9 @@ def test_gc_skips_rows_being_written() -> None:
     index, _ = make_index()
     key = make_key(NS, [5])
     index.reserve(
-        key, "disk", namespace=NS, tokens=encode_tokens([5]), size=10, reason="cold", writer="w"
+        ReserveRequest(
+            key, "disk", namespace=NS, tokens=encode_tokens([5]), size=10, reason="cold", writer="w"
+        )
     )
     assert index.gc() == []
     assert index.pending(key)
@@ -378,7 +400,15 @@ def test_reserve_evicts_least_recently_used_rows_to_stay_under_quota() -> None:
     index.checkin(claim.holder)
     key = make_key(NS, [9])
     _, actions = index.reserve(
-        key, "disk", namespace=NS, tokens=encode_tokens([9]), size=100, reason="cold", writer="w"
+        ReserveRequest(
+            key,
+            "disk",
+            namespace=NS,
+            tokens=encode_tokens([9]),
+            size=100,
+            reason="cold",
+            writer="w",
+        )
     )
     assert [a.row.key for a in actions if isinstance(a, Drop)] == [infos[1].key]
     assert index.used_bytes("disk:/nonexistent/disk") == 300

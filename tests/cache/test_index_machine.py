@@ -24,7 +24,7 @@ from hypothesis.stateful import (
 from erllama_py.cache.actions import Demote, Drop
 from erllama_py.cache.index import CacheIndex
 from erllama_py.cache.key import Namespace, encode_tokens, make_key
-from erllama_py.cache.rows import Reservation
+from erllama_py.cache.rows import Announcement, Reservation, ReserveRequest
 from erllama_py.config import TierSettings
 from erllama_py.errors import PayloadTooLargeError, ReservationError, TierFullError
 
@@ -69,13 +69,15 @@ class MetaStateMachine(RuleBasedStateMachine):
         key = make_key(NS, tokens)
         try:
             res, actions = self.index.reserve(
-                key,
-                tier,
-                namespace=NS,
-                tokens=encode_tokens(tokens),
-                size=size,
-                reason="finish",
-                writer=self._new_writer(),
+                ReserveRequest(
+                    key,
+                    tier,
+                    namespace=NS,
+                    tokens=encode_tokens(tokens),
+                    size=size,
+                    reason="finish",
+                    writer=self._new_writer(),
+                )
             )
         except PayloadTooLargeError:
             assert size > QUOTAS[tier]
@@ -83,7 +85,7 @@ class MetaStateMachine(RuleBasedStateMachine):
         except (TierFullError, ReservationError):
             return
         self._apply(list(actions))
-        _, actions = self.index.announce(key, res.tier, res.token, size=size)
+        _, actions = self.index.announce(Announcement(key, res.tier, res.token, size=size))
         self._apply(list(actions))
         assert self.index.lookup_exact(key) is not None
 
@@ -92,13 +94,15 @@ class MetaStateMachine(RuleBasedStateMachine):
         key = make_key(NS, tokens)
         try:
             res, actions = self.index.reserve(
-                key,
-                tier,
-                namespace=NS,
-                tokens=encode_tokens(tokens),
-                size=size,
-                reason="cold",
-                writer=self._new_writer(),
+                ReserveRequest(
+                    key,
+                    tier,
+                    namespace=NS,
+                    tokens=encode_tokens(tokens),
+                    size=size,
+                    reason="cold",
+                    writer=self._new_writer(),
+                )
             )
         except (PayloadTooLargeError, TierFullError, ReservationError):
             return
@@ -110,7 +114,9 @@ class MetaStateMachine(RuleBasedStateMachine):
     def finish_save(self, data: st.DataObject) -> None:
         res = self.in_flight.pop(data.draw(st.integers(0, len(self.in_flight) - 1)))
         try:
-            _, actions = self.index.announce(res.key, res.tier, res.token, size=res.size)
+            _, actions = self.index.announce(
+                Announcement(res.key, res.tier, res.token, size=res.size)
+            )
         except ReservationError:
             return  # expired meanwhile: the writer abandons
         self._apply(list(actions))
