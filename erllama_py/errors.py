@@ -215,7 +215,7 @@ class WorkerCrashedError(ModelError):
         super().__init__(f"context worker of model {model!r} {how}", model)
 
 
-class RequestTimeoutError(ModelError, TimeoutError):
+class RequestTimeoutError(ModelError):
     """The request did not finish within the ``timeout`` it was given.
 
     Differs from `WorkerCrashedError`: the model is healthy, the request was

@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import TimeoutError as FutureTimeoutError
+from concurrent import futures
 from dataclasses import dataclass
 from typing import TypeVar, Unpack, cast
 
@@ -406,12 +406,11 @@ class ModelHandle:
             self._actor().tell(Cancel(request.id))
 
     def _wait(self, request: Request) -> Completion:
+        future = request.sink.future
         try:
-            while True:
-                try:
-                    return request.sink.future.result(timeout=POLL_S)
-                except FutureTimeoutError:
-                    self._core.check_running()
+            while not futures.wait([future], timeout=POLL_S).done:
+                self._core.check_running()
+            return future.result()
         except BaseException:
             self._cancel(request)
             raise
