@@ -24,6 +24,7 @@ from erllama_py.errors import ModelError as ModelError
 from erllama_py.errors import ModelFailedError as ModelFailedError
 from erllama_py.errors import ModelLoadError as ModelLoadError
 from erllama_py.errors import ModelNotFoundError as ModelNotFoundError
+from erllama_py.errors import QueueFullError as QueueFullError
 from erllama_py.errors import RequestTimeoutError as RequestTimeoutError
 from erllama_py.errors import RuntimeStoppedError as RuntimeStoppedError
 from erllama_py.errors import WorkerCrashedError as WorkerCrashedError
@@ -44,6 +45,8 @@ from erllama_py.results import Done as Done
 from erllama_py.results import ModelInfo as ModelInfo
 from erllama_py.results import StreamEvent as StreamEvent
 from erllama_py.results import Timings as Timings
+from erllama_py.results import TokenLogprob as TokenLogprob
+from erllama_py.results import TopLogprob as TopLogprob
 from erllama_py.results import Usage as Usage
 from erllama_py.results import WorkerStatus as WorkerStatus
 from erllama_py.runtime import Runtime as Runtime
@@ -74,6 +77,8 @@ __all__ = [
     "StreamEvent",
     "TierStats",
     "Timings",
+    "TokenLogprob",
+    "TopLogprob",
     "Usage",
     "WorkerStatus",
     "EventStream",
@@ -96,6 +101,7 @@ __all__ = [
     "ModelFailedError",
     "ModelLoadError",
     "ModelNotFoundError",
+    "QueueFullError",
     "RequestTimeoutError",
     "RuntimeStoppedError",
     "WorkerCrashedError",

@@ -247,6 +247,7 @@ class ModelSettings:
     )
     fingerprint: bytes | None = None
     stub: Mapping[str, int | float] = field(default_factory=dict)
+    max_queue: int = DEFAULT_MAX_QUEUE  # requests waiting for a sequence; more are refused
 
 
 @dataclass(frozen=True)
@@ -269,7 +270,6 @@ class ServerSettings:
     host: str = DEFAULT_HOST
     port: int = DEFAULT_PORT
     api_keys: tuple[str, ...] = ()
-    max_queue: int = DEFAULT_MAX_QUEUE
     request_timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S
 
 
@@ -536,6 +536,7 @@ def parse_model(raw: object, path: str, policy: SavePolicy, cache: CacheSettings
         ),
         fingerprint=_fingerprint(s),
         stub=_stub(s.get("stub"), s.key("stub")),
+        max_queue=s.get_int("max_queue", DEFAULT_MAX_QUEUE, minimum=1),
     )
     s.done()
     return settings
@@ -636,7 +637,6 @@ def _server(raw: object) -> ServerSettings:
         host=s.get_str("host", DEFAULT_HOST) or DEFAULT_HOST,
         port=port,
         api_keys=tuple(str(k) for k in keys),
-        max_queue=s.get_int("max_queue", DEFAULT_MAX_QUEUE, minimum=1),
         request_timeout_s=s.get_float(
             "request_timeout_s", DEFAULT_REQUEST_TIMEOUT_S, minimum=0.0, strict_minimum=True
         ),

@@ -21,6 +21,7 @@ Catch the family you can act on; every class carries what the caller needs::
     │   ├── WorkerCrashedError      the context worker process died under a request
     │   │                           (exit code or signal), or hung and was killed
     │   ├── RequestTimeoutError     the request's own timeout expired
+    │   ├── QueueFullError          the model's queue of waiting requests is full: retry later
     │   └── InvalidRequestError     bad arguments: empty prompt, unknown option, token id
     │       │                       outside the vocabulary, negative max_tokens, ...
     │       └── ContextOverflowError  the prompt (plus max_tokens) does not fit n_ctx
@@ -46,6 +47,7 @@ __all__ = [
     "ModelNotFoundError",
     "PayloadTooLargeError",
     "ReservationError",
+    "QueueFullError",
     "RequestTimeoutError",
     "RuntimeStoppedError",
     "TierFullError",
@@ -226,6 +228,21 @@ class RequestTimeoutError(ModelError):
     def __init__(self, message: str, model: str | None = None, request_id: str | None = None):
         self.request_id = request_id
         super().__init__(message, model)
+
+
+class QueueFullError(ModelError):
+    """The model already has ``max_queue`` requests waiting for a sequence.
+
+    Nothing was run; the model is healthy and busy. Retry after ``retry_after_s``
+    seconds (an estimate, at least one second).
+    """
+
+    def __init__(self, model: str, max_queue: int, retry_after_s: float = 1.0) -> None:
+        self.max_queue = max_queue
+        self.retry_after_s = retry_after_s
+        super().__init__(
+            f"model {model!r} has {max_queue} requests waiting already; retry later", model
+        )
 
 
 class InvalidRequestError(ModelError, ValueError):

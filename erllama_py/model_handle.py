@@ -109,7 +109,8 @@ class ModelHandle:
     def prefill(
         self, prompt: str | Sequence[int], *, parent_key: str | bytes | None = None
     ) -> Completion:
-        """Warm the cache with a prompt without sampling; its ``finish_key`` names the row."""
+        """Warm the cache with a prompt without sampling, whatever the save policy's
+        thresholds; the result's ``finish_key`` names the row."""
         options: CompletionOptions = {} if parent_key is None else {"parent_key": parent_key}
         return self._wait(self._submit(self._prompt(prompt), options, prefill_only=True))
 
@@ -265,6 +266,7 @@ class ModelHandle:
             chat_template_fallback=info.chat_template_fallback,
             tier=shared.tier,
             deterministic=shared.deterministic,
+            max_queue=shared.max_queue,
             policy=shared.policy,
             worker=worker,
             worker_starts=shared.worker_starts,

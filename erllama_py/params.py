@@ -208,8 +208,12 @@ class CompletionOptions(TypedDict, total=False):
     16 sequences; the text stops before them), the sampling fields of
     `SamplingParams` (or a whole ``sampling`` object, which the individual
     fields then override), ``parent_key`` (the ``finish_key`` of the turn this
-    prompt continues) and ``timeout`` (seconds for the whole request; on
-    expiry it ends with `RequestTimeoutError`).
+    prompt continues), ``timeout`` (seconds for the whole request; on expiry it
+    ends with `RequestTimeoutError`), ``logprobs`` (report each generated
+    token's log-probability and the ``logprobs`` most likely alternatives,
+    0 to 20; None: none) and ``require_room`` (raise `ContextOverflowError`
+    unless the prompt plus ``max_tokens`` fit the context, as OpenAI's API
+    does; by default generation stops where the context ends).
     """
 
     max_tokens: int | None
@@ -227,6 +231,8 @@ class CompletionOptions(TypedDict, total=False):
     sampling: SamplingParams
     parent_key: str | bytes | None
     timeout: float | None
+    logprobs: int | None
+    require_room: bool
 
 
 class ModelOptions(TypedDict, total=False):
@@ -254,6 +260,7 @@ class ModelOptions(TypedDict, total=False):
     restart: Mapping[str, float]
     fingerprint: str | bytes
     stub: Mapping[str, int | float]
+    max_queue: int
 
 
 @dataclass(frozen=True)
@@ -265,6 +272,8 @@ class RequestOptions:
     parent_key: bytes | None = None
     sampling: SamplingParams = field(default_factory=SamplingParams)
     timeout_s: float | None = None
+    logprobs: int | None = None
+    require_room: bool = False
 
 
 def _fail(message: str, param: str, model: str | None) -> InvalidRequestError:
@@ -290,7 +299,10 @@ def parse_key(value: object, param: str = "parent_key", model: str | None = None
 
 
 _SAMPLING_KEYS = frozenset(f.name for f in fields(SamplingParams))
-_REQUEST_KEYS = frozenset({"max_tokens", "stop", "parent_key", "sampling", "timeout"})
+_REQUEST_KEYS = frozenset(
+    {"max_tokens", "stop", "parent_key", "sampling", "timeout", "logprobs", "require_room"}
+)
+MAX_LOGPROBS = 20
 KNOWN_OPTIONS = _SAMPLING_KEYS | _REQUEST_KEYS
 
 
@@ -331,6 +343,22 @@ def parse_options(options: Mapping[str, object], model: str | None = None) -> Re
         raise _fail(
             f"timeout must be a positive number of seconds, got {timeout!r}", "timeout", model
         )
+    logprobs = _as_int(get("logprobs"))
+    if logprobs is not None and (
+        isinstance(logprobs, bool)
+        or not isinstance(logprobs, int)
+        or not 0 <= logprobs <= MAX_LOGPROBS
+    ):
+        raise _fail(
+            f"logprobs must be an integer in [0, {MAX_LOGPROBS}], got {logprobs!r}",
+            "logprobs",
+            model,
+        )
+    require_room = get("require_room", False)
+    if not isinstance(require_room, bool):
+        raise _fail(
+            f"require_room must be true or false, got {require_room!r}", "require_room", model
+        )
     base = get("sampling")
     if base is not None and not isinstance(base, SamplingParams):
         raise _fail(
@@ -348,4 +376,6 @@ def parse_options(options: Mapping[str, object], model: str | None = None) -> Re
         parent_key=None if parent is None else parse_key(parent, "parent_key", model),
         sampling=sampling,
         timeout_s=None if timeout is None else float(timeout),
+        logprobs=logprobs,
+        require_room=require_room,
     )

@@ -31,6 +31,8 @@ __all__ = [
     "ModelStatus",
     "StreamEvent",
     "Timings",
+    "TokenLogprob",
+    "TopLogprob",
     "Usage",
     "WorkerStatus",
 ]
@@ -88,6 +90,47 @@ class Timings:
 
 
 @dataclass(frozen=True, slots=True)
+class TopLogprob:
+    """One of the most likely tokens at a position: its id, bytes and log-probability."""
+
+    token: int
+    bytes: bytes
+    logprob: float
+
+    @property
+    def text(self) -> str:
+        return self.bytes.decode("utf-8", errors="replace")
+
+    def to_dict(self) -> dict[str, JSON]:
+        return {"token": self.token, "text": self.text, "bytes": list(self.bytes),
+                "logprob": self.logprob}  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
+class TokenLogprob:
+    """A generated token's log-probability under the model (before any sampler), and the
+    ``logprobs`` most likely tokens at its position, best first."""
+
+    token: int
+    bytes: bytes
+    logprob: float
+    top: list[TopLogprob]
+
+    @property
+    def text(self) -> str:
+        return self.bytes.decode("utf-8", errors="replace")
+
+    def to_dict(self) -> dict[str, JSON]:
+        return {
+            "token": self.token,
+            "text": self.text,
+            "bytes": list(self.bytes),
+            "logprob": self.logprob,
+            "top": [t.to_dict() for t in self.top],
+        }
+
+
+@dataclass(frozen=True, slots=True)
 class Completion:
     """A finished request (frozen; ``tokens`` is a fresh list that belongs to the caller).
 
@@ -108,6 +151,8 @@ class Completion:
     usage: Usage
     cache: CacheHit
     timings: Timings
+    logprobs: list[TokenLogprob] | None = None
+    """One entry per generated token when the request asked for ``logprobs``."""
 
     def to_dict(self) -> dict[str, JSON]:
         return {
@@ -121,6 +166,7 @@ class Completion:
             "usage": self.usage.to_dict(),
             "cache": self.cache.to_dict(),
             "timings": self.timings.to_dict(),
+            "logprobs": None if self.logprobs is None else [t.to_dict() for t in self.logprobs],
         }
 
 
@@ -130,10 +176,14 @@ class Delta:
 
     text: str
     tokens: list[int]
+    logprobs: list[TokenLogprob] | None = None
     type: Literal["delta"] = field(default="delta", init=False)
 
     def to_dict(self) -> dict[str, JSON]:
-        return {"type": "delta", "text": self.text, "tokens": list(self.tokens)}
+        out: dict[str, JSON] = {"type": "delta", "text": self.text, "tokens": list(self.tokens)}
+        if self.logprobs is not None:
+            out["logprobs"] = [t.to_dict() for t in self.logprobs]
+        return out
 
 
 @dataclass(frozen=True, slots=True)
@@ -197,6 +247,7 @@ class ModelInfo:
     chat_template_fallback: str | None
     tier: str
     deterministic: bool
+    max_queue: int
     policy: SavePolicy
     worker: WorkerStatus
     worker_starts: int

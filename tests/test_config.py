@@ -91,7 +91,6 @@ def test_negative_quota_names_the_tier_index() -> None:
         (("policy", "continued_interval"), 0, "policy.continued_interval", "> 0"),
         (("policy", "boundary_align_tokens"), 0, "policy.boundary_align_tokens", "> 0"),
         (("server", "port"), 70000, "server.port", "<= 65535"),
-        (("server", "max_queue"), 0, "server.max_queue", "positive"),
         (("pressure", "high_watermark"), 1.5, "pressure.high_watermark", "<= 1"),
         (("pressure", "source"), "gpu", "pressure.source", "one of system, noop"),
     ],

@@ -33,6 +33,7 @@ from erllama_py.errors import (
     InvalidRequestError,
     ModelError,
     ModelFailedError,
+    QueueFullError,
     RequestTimeoutError,
     RuntimeStoppedError,
     WorkerCrashedError,
@@ -46,7 +47,7 @@ from erllama_py.model.protocol import Prefill, SamplerSpec, TokenOut
 from erllama_py.model.request import ChatPrompt, Request, RequestState, TextPrompt, TokenPrompt
 from erllama_py.model.state import ModelState, worker_name
 from erllama_py.params import ChatMessage
-from erllama_py.results import CacheHit, Completion, Timings, Usage
+from erllama_py.results import CacheHit, Completion, Timings, TokenLogprob, TopLogprob, Usage
 from supervisors import ProcessChild, SupervisedActor
 
 __all__ = ["Call", "Cancel", "ModelActor", "Submit"]
@@ -154,6 +155,9 @@ class ModelActor(SupervisedActor):
             self._tick_queued = False
             self._tick()
         elif isinstance(message, Submit):
+            if len(self.pending) >= self.shared.max_queue:
+                message.request.sink.fail(QueueFullError(self.name, self.shared.max_queue))
+                return None
             self.pending.append(RequestState(message.request))
             self._update_obs()
             self._schedule()
@@ -383,6 +387,14 @@ class ModelActor(SupervisedActor):
                 self.name,
                 param="prompt",
             )
+        wanted = r.max_tokens
+        if r.request.options.require_room and wanted and len(r.prompt) + wanted > info.n_ctx:
+            raise ContextOverflowError(
+                f"the prompt has {len(r.prompt)} tokens and max_tokens is {wanted}: "
+                f"{len(r.prompt) + wanted} > {info.n_ctx}, the context's size",
+                self.name,
+                param="max_tokens",
+            )
         self.cache.resolve(r)
         if not r.cursor:  # an exact hit: nothing to prefill, decoding starts now
             r.t_prefill_done = time.perf_counter()
@@ -444,7 +456,12 @@ class ModelActor(SupervisedActor):
             r.pending = token
             self.shared.obs.tokens_generated += 1
             delta = r.text.feed(piece)
-            r.sink.delta(delta, [token])
+            if r.logprobs is None:
+                r.sink.delta(delta, [token])
+            else:
+                entry = _token_logprob(result)
+                r.logprobs.append(entry)
+                r.sink.delta(delta, [token], [entry])
             self._run_deferred_save(r)
             if r.text.match is not None:
                 r.finish_as(FinishReason.STOP)
@@ -491,7 +508,10 @@ class ModelActor(SupervisedActor):
         tail = r.text.flush()
         if tail:
             r.sink.delta(tail, [])
-        if save and r.context and should_finish_save(len(r.context), self.shared.policy):
+        # A prefill exists to warm the cache: it saves whatever the policy's thresholds.
+        policy = self.shared.policy
+        wanted = r.prefill_only or should_finish_save(len(r.context), policy)
+        if save and r.context and wanted:
             cold = r.prefill_only and r.hit is HitKind.COLD
             r.finish_key = self.cache.save(r, SaveReason.COLD if cold else SaveReason.FINISH)
         self._release(r)
@@ -562,6 +582,7 @@ class ModelActor(SupervisedActor):
                 cached_tokens=r.hit_len,
             ),
             cache=CacheHit(r.hit, r.hit_len),
+            logprobs=None if r.logprobs is None else list(r.logprobs),
             timings=Timings(
                 queue_ms=r.elapsed_ms(submitted, r.t_admit or now),
                 restore_ms=r.t_restore_ms,
@@ -584,3 +605,9 @@ class ModelActor(SupervisedActor):
             obs.phase = Phase.GENERATING
         else:
             obs.phase = Phase.IDLE
+
+
+def _token_logprob(out: TokenOut) -> TokenLogprob:
+    assert out.logprob is not None
+    top = [TopLogprob(t, piece, lp) for t, lp, piece in out.top]
+    return TokenLogprob(out.token, out.piece, out.logprob, top)

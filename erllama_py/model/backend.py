@@ -152,16 +152,39 @@ class Generate:
     seq: int
     sampler: int
     pending: int | None = None
+    logprobs: int | None = None
+    """Also report the sampled token's log-probability and the ``logprobs`` most likely
+    tokens' (0: the sampled one only); None: no log-probabilities."""
 
 
 Op = Prefill | Decode | Generate
 
 
 class Sampled(NamedTuple):
-    """The result of a :class:`Decode`: the token, and whether it ends generation."""
+    """The result of a :class:`Decode` or `Generate`: the token, whether it ends
+    generation and, when asked for, its log-probability under the model's distribution
+    (before any sampler) and the most likely tokens' ``(token, logprob)``, best first."""
 
     token: int
     eog: bool
+    logprob: float | None = None
+    top: tuple[tuple[int, float], ...] = ()
+
+
+def log_softmax_top(
+    logits: np.ndarray, token: int, n_top: int
+) -> tuple[float, tuple[tuple[int, float], ...]]:
+    """The log-probability of `token` under softmax(`logits`) and the `n_top` most likely
+    tokens with theirs, best first (ties by token id)."""
+    peak = float(np.max(logits))
+    lse = peak + float(np.log(np.sum(np.exp(logits - peak, dtype=np.float64))))
+    chosen = float(logits[token]) - lse
+    if n_top <= 0:
+        return chosen, ()
+    n_top = min(n_top, len(logits))
+    idx = np.argpartition(-logits, n_top - 1)[:n_top]
+    idx = idx[np.lexsort((idx, -logits[idx]))]
+    return chosen, tuple((int(i), float(logits[i]) - lse) for i in idx)
 
 
 StepResult = Sampled | None

@@ -100,6 +100,7 @@ from erllama_py.model.backend import (
     Sampled,
     StepResult,
     check_step,
+    log_softmax_top,
     validate_messages,
     validate_seq,
     validate_tokens,
@@ -468,6 +469,17 @@ class LlamaBackend:
         logits = st.logits if st.logits is not None else self._row_view(st.row)
         return self._samplers.sample(ch, st.n, None, logits)
 
+    def _sampled(self, ch: Chain, st: _Seq, logprobs: int | None) -> Sampled:
+        """Sample `st`'s next token; with `logprobs`, from logits read before the sampler
+        runs (the sampler never edits them: the grammar works on a copy)."""
+        if logprobs is None:
+            token = self._sample(ch, st)
+            return Sampled(token, token in self._eog)
+        logits = st.logits if st.logits is not None else self._row_view(st.row)
+        token = self._sample(ch, st)
+        chosen, top = log_softmax_top(logits, token, logprobs)
+        return Sampled(token, token in self._eog, chosen, top)
+
     @_api
     def sample_logits(self, sampler: int, logits: np.ndarray, pos: int) -> int:
         """Sample from an arbitrary float32 logits array as if at position ``pos``.
@@ -585,22 +597,22 @@ class LlamaBackend:
 
         results: list[StepResult] = []
         rows: list[tuple[int, int, int]] = []  # (seq, tokens added, batch row of its logits)
-        after: list[tuple[int, _Seq, Chain]] = []  # Generate ops that sample after the decode
+        # Generate ops that sample after the decode, and the log-probabilities they want.
+        after: list[tuple[int, _Seq, Chain, int | None]] = []
         sid = self._b_sid
         k = 0
         for op, st, arr, chain in plan:
             if isinstance(op, Generate):
                 assert chain is not None
                 if arr is None:
-                    token = self._sample(chain, st)
-                    results.append(Sampled(token, token in self._eog))
+                    results.append(self._sampled(chain, st, op.logprobs))
                     continue
                 self._b_token[k] = arr[0]
                 self._b_pos[k] = st.n
                 sid[k][0] = op.seq
                 rows.append((op.seq, 1, k))
                 k += 1
-                after.append((len(results), st, chain))
+                after.append((len(results), st, chain, op.logprobs))
                 results.append(None)
                 continue
             if arr is not None:
@@ -650,9 +662,8 @@ class LlamaBackend:
         for seq, n, row in rows:
             self._seqs[seq].n += n
             self._seqs[seq].row = row
-        for i, st, chain in after:
-            token = self._sample(chain, st)
-            results[i] = Sampled(token, token in self._eog)
+        for i, st, chain, logprobs in after:
+            results[i] = self._sampled(chain, st, logprobs)
         return results
 
     # ------------------------------------------------------------ pack/unpack

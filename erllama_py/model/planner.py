@@ -69,7 +69,9 @@ def plan_tick(
             if sampler is None:
                 continue
             assert r.seq is not None
-            planned.append(Planned(r, GenerateOp(r.seq, sampler, r.pending), 1))
+            planned.append(
+                Planned(r, GenerateOp(r.seq, sampler, r.pending, r.request.options.logprobs), 1)
+            )
             budget -= r.pending is not None
     for r in active:
         if budget <= 0:

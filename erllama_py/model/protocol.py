@@ -166,6 +166,7 @@ class GenerateOp:
     seq: int
     sampler: int | SamplerSpec
     pending: int | None = None
+    logprobs: int | None = None
 
 
 StepOp = Prefill | GenerateOp
@@ -180,6 +181,9 @@ class TokenOut:
     eog: bool
     piece: bytes
     sampler: int | None = None
+    logprob: float | None = None
+    top: tuple[tuple[int, float, bytes], ...] = ()
+    """The most likely tokens when log-probabilities were asked for: (id, logprob, bytes)."""
 
 
 @dataclass(frozen=True)

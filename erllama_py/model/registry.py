@@ -173,6 +173,7 @@ class ModelRegistry(SupervisedActor):
             cache=self.cache,
             registry=self.registry,
             fingerprint=settings.fingerprint,
+            max_queue=settings.max_queue,
         )
         model_sup = self.registry.lookup(MODEL_SUP_NAME)
         assert isinstance(model_sup, pykka.ActorRef)

@@ -22,7 +22,7 @@ from erllama_py.kinds import FinishReason, HitKind, SaveReason
 from erllama_py.model.protocol import SamplerSpec
 from erllama_py.model.textstream import TextStream
 from erllama_py.params import ChatMessage, RequestOptions
-from erllama_py.results import Completion, Delta, Done
+from erllama_py.results import Completion, Delta, Done, TokenLogprob
 
 __all__ = [
     "ChatPrompt",
@@ -104,9 +104,11 @@ class RequestSink:
             except Exception:  # the caller's problem (a closed event loop): never the model's
                 log.debug("request event listener failed", exc_info=True)
 
-    def delta(self, text: str, tokens: list[int]) -> None:
+    def delta(
+        self, text: str, tokens: list[int], logprobs: list[TokenLogprob] | None = None
+    ) -> None:
         if not self.future.done():
-            self._put(Delta(text, tokens))
+            self._put(Delta(text, tokens, logprobs))
 
     def finish(self, completion: Completion) -> None:
         if self.future.done():
@@ -160,6 +162,7 @@ class RequestState:
     cold_save_at: int | None = None
     end_save_at: int | None = None
     generated: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] | None = None  # one per generated token, when asked for
     # The last sampled token: generated, but in KV only once the next tick decodes it.
     pending: int | None = None
     text: TextStream = field(init=False)
@@ -184,6 +187,8 @@ class RequestState:
 
     def __post_init__(self) -> None:
         self.text = TextStream(self.request.options.stop)
+        if self.request.options.logprobs is not None:
+            self.logprobs = []
 
     @property
     def id(self) -> str:

@@ -67,6 +67,7 @@ class ModelState:
     unloading: bool = False
     fingerprint: bytes | None = None
     buffers: BufferPool = field(default_factory=BufferPool)
+    max_queue: int = 64
 
     @property
     def info(self) -> BackendInfo:

@@ -50,6 +50,7 @@ from erllama_py.model.backend import (
     Sampled,
     StepResult,
     check_step,
+    log_softmax_top,
     validate_messages,
     validate_seq,
     validate_tokens,
@@ -340,10 +341,11 @@ class StubBackend:
                     st.tokens.append(int(arr[0]))
                     st.has_logits = True
                 if self.eog_after is not None and st.generated >= self.eog_after:
-                    results.append(Sampled(STUB_EOS, True))
+                    results.append(self._with_logprobs(st, Sampled(STUB_EOS, True), op.logprobs))
                     continue
                 st.generated += 1
-                results.append(Sampled(self._next_token(st, scfg), False))
+                sampled = Sampled(self._next_token(st, scfg), False)
+                results.append(self._with_logprobs(st, sampled, op.logprobs))
                 continue
             if arr is not None:
                 st.tokens.extend(int(t) for t in arr)
@@ -360,6 +362,13 @@ class StubBackend:
             st.generated += 1
             results.append(Sampled(token, False))
         return results
+
+    def _with_logprobs(self, st: _StubSeq, sampled: Sampled, logprobs: int | None) -> Sampled:
+        """`sampled` with its log-probability under the stub's logits of `st`'s context."""
+        if logprobs is None:
+            return sampled
+        chosen, top = log_softmax_top(stub_logits(st.tokens, self._nv), sampled.token, logprobs)
+        return sampled._replace(logprob=chosen, top=top)
 
     # ------------------------------------------------------------ pack/unpack
 

@@ -184,7 +184,7 @@ class _Server:
                 sampler = op.sampler
                 if isinstance(sampler, SamplerSpec):
                     sampler = created[i] = self._new_sampler(sampler)
-                ops.append(Generate(op.seq, sampler, op.pending))
+                ops.append(Generate(op.seq, sampler, op.pending, op.logprobs))
             results = self.backend.step(ops)
         except BaseException:
             for sampler in created.values():
@@ -197,7 +197,10 @@ class _Server:
                 out.append(None)
                 continue
             piece = b"" if result.eog else self.backend.token_piece(result.token)
-            out.append(TokenOut(result.token, result.eog, piece, created.get(i)))
+            top = tuple((t, lp, self.backend.token_piece(t)) for t, lp in result.top)
+            out.append(
+                TokenOut(result.token, result.eog, piece, created.get(i), result.logprob, top)
+            )
         return out
 
 

@@ -43,6 +43,7 @@ RESULT_KEYS = {
     "usage",
     "cache",
     "timings",
+    "logprobs",
 }
 TIMING_KEYS = {"queue_ms", "restore_ms", "prefill_ms", "decode_ms", "ttft_ms", "total_ms"}
 # The tiny model's byte tokens spell these characters over 2, 3 and 4 tokens.

@@ -127,11 +127,14 @@ def test_every_asyncio_twin_answers_as_its_blocking_call(served):
     asyncio.run(main())
 
 
-def test_a_runtime_works_with_async_with(make_runtime, tmp_path):
-    from conftest import runtime_config
+def test_a_runtime_works_with_async_with(tmp_path):
+    config = {
+        "cache": {"tiers": [{"kind": "ram", "quota_mb": 16}]},
+        "daemon": {"log_file": str(tmp_path / "log" / "erllama-py.log")},
+    }
 
     async def main() -> list[int]:
-        async with await erllama_py.astart(runtime_config(tmp_path)) as rt:
+        async with await erllama_py.astart(config) as rt:
             m = rt.load_model("s", backend="stub", n_ctx=128, n_batch=32)
             result = await m.acomplete("the cat", max_tokens=2)
             assert not rt.stopped
@@ -211,3 +214,70 @@ def test_results_serialise_to_plain_json(served):
     back = json.loads(text)
     assert back["cache"] == {"kind": str(result.cache.kind), "prefix_len": result.cache.prefix_len}
     assert back["usage"]["total_tokens"] == result.usage.total_tokens
+
+
+def test_logprobs_give_each_generated_token_and_its_most_likely_alternatives(served):
+    m = served.rt.model(served.name)
+    result = m.complete("the red cat and the dog", max_tokens=4, logprobs=3)
+    assert result.logprobs is not None and len(result.logprobs) == len(result.tokens) == 4
+    for token, entry in zip(result.tokens, result.logprobs, strict=True):
+        assert entry.token == token and entry.logprob <= 0.0
+        assert len(entry.top) == 3
+        assert [t.logprob for t in entry.top] == sorted(
+            (t.logprob for t in entry.top), reverse=True
+        )
+        assert entry.top[0].logprob >= entry.logprob
+        if served.kind == "tiny":  # greedy on the model's logits: the best token is chosen
+            assert entry.top[0].token == token and entry.top[0].logprob == entry.logprob
+    # The same tokens as without logprobs; streamed deltas carry the same entries.
+    assert result.tokens == m.complete("the red cat and the dog", max_tokens=4).tokens
+    streamed = [
+        e
+        for e in m.stream("the red cat and the dog", max_tokens=4, logprobs=3)
+        if isinstance(e, Delta)
+    ]
+    assert [x for e in streamed for x in (e.logprobs or [])] == result.logprobs
+    assert m.complete("the red cat", max_tokens=2).logprobs is None
+    json.dumps(result.to_dict())
+    with pytest.raises(InvalidRequestError) as info:
+        m.complete("the cat", logprobs=21)
+    assert info.value.param == "logprobs"
+
+
+def test_require_room_refuses_a_prompt_whose_max_tokens_do_not_fit(served):
+    m = served.rt.model(served.name)
+    prompt = m.tokenize("the cat and the dog")
+    too_many = served.n_ctx - len(prompt) + 1
+    with pytest.raises(erllama_py.ContextOverflowError) as info:
+        m.complete(prompt, max_tokens=too_many, require_room=True)
+    assert info.value.param == "max_tokens"
+    # One token fewer fits.
+    assert m.complete(prompt, max_tokens=too_many - 1, require_room=True, stop=["x"]) is not None
+
+
+def test_a_full_queue_refuses_new_requests_at_once_and_serves_those_it_admitted(
+    rt, load, wait_until
+):
+    load(rt, "stub", "busy", n_seq_max=1, max_queue=2, stub={"step_delay": 0.01})
+    m = rt.model("busy")
+    running = m.stream("the cat", max_tokens=10_000)
+    next(running)  # holds the only sequence
+    queued = [m.stream(f"queued {i}", max_tokens=3) for i in range(2)]
+    wait_until(lambda: m.pending_len() == 2, "two requests queued")
+    with pytest.raises(erllama_py.QueueFullError) as info:
+        m.complete("one too many", max_tokens=3)
+    assert info.value.max_queue == 2 and info.value.model == "busy"
+    running.close()
+    for stream in queued:
+        events = list(stream)
+        assert isinstance(events[-1], Done) and len(events[-1].completion.tokens) == 3
+
+
+def test_prefill_saves_the_prompt_even_below_the_policy_thresholds(rt, load):
+    load(rt, "stub", "strict", policy={"min_tokens": 1000, "cold_min_tokens": 1000})
+    m = rt.model("strict")
+    prompt = m.tokenize("a short prompt")
+    warmed = m.prefill(prompt)
+    assert warmed.finish_key is not None
+    rt.cache.wait_idle()
+    assert m.complete(prompt, max_tokens=2).cache == CacheHit("exact", len(prompt))
