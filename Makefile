@@ -18,8 +18,9 @@ $(STAMP): pyproject.toml scripts/build-llama-wheel.sh
 	@touch $(STAMP)
 	@echo "setup done: $(VENV)"
 
+# The OpenAI-compatible server on sys.yaml's models; it prints its URL and a curl example.
 run: setup
-	$(PY) -m erllama_py.cli run --config sys.yaml
+	$(PY) -m erllama_py.cli serve --config sys.yaml
 
 # The project's required checks: format, lint, types, then every test.
 test: setup

@@ -2,6 +2,7 @@
 
 ::
 
+    erllama-py serve [--config sys.yaml] [--host H] [--port P]   the OpenAI-compatible HTTP server
     erllama-py run [--config sys.yaml] [--once]    start the runtime, print its tree, serve prompts
     erllama-py tree [--config sys.yaml]            start, print the supervision tree, stop
     erllama-py check-config [--config sys.yaml]    validate a configuration
@@ -104,6 +105,31 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from erllama_py.server.serve import start_serving  # noqa: PLC0415 - the server's imports
+
+    config = load_config(_config_path(args.config))
+    err = Console(stderr=True)
+
+    def listening(url: str) -> None:
+        err.print(f"erllama-py listening on [bold]{url}[/bold]; loading models ...")
+
+    serving = start_serving(config, host=args.host, port=args.port, on_listening=listening)
+    model = config.models[0].name if config.models else "MODEL"
+    print(f"erllama-py serving on {serving.url} (OpenAI API at {serving.url}/v1)", flush=True)
+    print(
+        f"try: curl {serving.url}/v1/chat/completions -H 'Content-Type: application/json' "
+        f"""-d '{{"model": "{model}", "messages": [{{"role": "user", "content": "Hello"}}]}}'""",
+        flush=True,
+    )
+    try:
+        serving.wait_for_signal(lambda sig: err.print(f"{signal.Signals(sig).name}: stopping ..."))
+    finally:
+        serving.stop()
+    err.print("stopped")
+    return 0
+
+
 def cmd_check_config(args: argparse.Namespace) -> int:
     config = load_config(_config_path(args.config))
     print(json.dumps({"models": [m.name for m in config.models],
@@ -120,6 +146,11 @@ def cmd_fetch_default_model(_args: argparse.Namespace) -> int:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="erllama-py", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="serve the OpenAI-compatible HTTP API (foreground)")
+    serve.add_argument("--config", help=f"sys.yaml path (default ./{DEFAULT_CONFIG} if present)")
+    serve.add_argument("--host", help="address to listen on (default: server.host)")
+    serve.add_argument("--port", type=int, help="port (default: server.port; 0 picks one)")
+    serve.set_defaults(func=cmd_serve)
     run = sub.add_parser("run", help="start the runtime and serve prompts")
     run.add_argument("--config", help=f"sys.yaml path (default ./{DEFAULT_CONFIG} if present)")
     run.add_argument("--once", action="store_true", help="print the tree and stop")
@@ -147,6 +178,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ErllamaError as exc:
         print(f"erllama-py: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("erllama-py: interrupted", file=sys.stderr)
+        return 130
     return status
 
 

@@ -70,6 +70,8 @@ DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8080
 DEFAULT_MAX_QUEUE = 64  # waiting requests per model before 429
 DEFAULT_REQUEST_TIMEOUT_S = 600.0
+DEFAULT_MAX_BODY_MB = 64  # a request body over this is refused (413)
+DEFAULT_SHUTDOWN_TIMEOUT_S = 30.0  # running requests may finish this long on a stop
 
 
 def _state_dir() -> Path:
@@ -265,12 +267,29 @@ class PressureSettings:
 
 @dataclass(frozen=True)
 class ServerSettings:
-    """The OpenAI-compatible HTTP server (daemon only)."""
+    """The HTTP server (``erllama-py serve`` and the daemon).
+
+    ``port`` 0 picks a free port. With ``api_keys`` every path but ``/health*``
+    needs one (``Authorization: Bearer <key>``). ``request_timeout_s`` bounds each
+    request (504 past it); ``shutdown_timeout_s`` is how long running requests
+    may finish on a graceful stop before they are cancelled (and saved).
+    """
 
     host: str = DEFAULT_HOST
     port: int = DEFAULT_PORT
     api_keys: tuple[str, ...] = ()
     request_timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S
+    max_body_bytes: int = DEFAULT_MAX_BODY_MB * MB
+    cors_origins: tuple[str, ...] = ()
+    shutdown_timeout_s: float = DEFAULT_SHUTDOWN_TIMEOUT_S
+
+    def __repr__(self) -> str:  # never print the keys
+        keys = f"<{len(self.api_keys)} keys>"
+        return (
+            f"ServerSettings(host={self.host!r}, port={self.port}, api_keys={keys}, "
+            f"request_timeout_s={self.request_timeout_s}, max_body_bytes={self.max_body_bytes}, "
+            f"cors_origins={self.cors_origins!r}, shutdown_timeout_s={self.shutdown_timeout_s})"
+        )
 
 
 @dataclass(frozen=True)
@@ -394,6 +413,10 @@ class _Section:
         return value  # type: ignore[return-value]
 
     def path_value(self, name: str, default: Path | None) -> Path | None:
+        raw = self.raw.get(name)
+        if isinstance(raw, os.PathLike):
+            self.seen.add(name)
+            return Path(raw)
         value = self.get_str(name, None)
         if value is None:
             return default
@@ -632,13 +655,24 @@ def _server(raw: object) -> ServerSettings:
     keys = s.get_list("api_keys")
     for i, key in enumerate(keys):
         if not isinstance(key, str) or not key:
-            raise ConfigError(f"server.api_keys[{i}]", f"must be a non-empty string, got {key!r}")
+            raise ConfigError(f"server.api_keys[{i}]", "must be a non-empty string")
+    origins = s.get_list("cors_origins")
+    for i, origin in enumerate(origins):
+        if not isinstance(origin, str) or not origin:
+            raise ConfigError(
+                f"server.cors_origins[{i}]", f"must be a non-empty string, got {origin!r}"
+            )
     settings = ServerSettings(
         host=s.get_str("host", DEFAULT_HOST) or DEFAULT_HOST,
         port=port,
         api_keys=tuple(str(k) for k in keys),
         request_timeout_s=s.get_float(
             "request_timeout_s", DEFAULT_REQUEST_TIMEOUT_S, minimum=0.0, strict_minimum=True
+        ),
+        max_body_bytes=s.get_int("max_body_mb", DEFAULT_MAX_BODY_MB, minimum=1) * MB,
+        cors_origins=tuple(str(o) for o in origins),
+        shutdown_timeout_s=s.get_float(
+            "shutdown_timeout_s", DEFAULT_SHUTDOWN_TIMEOUT_S, minimum=0.0
         ),
     )
     s.done()

@@ -182,6 +182,18 @@ class ModelHandle:
             raise InvalidRequestError("text must be a string", self._name, param="text")
         return self._ask(lambda actor: actor.tokenize(text, add_special))
 
+    def chat_tokens(
+        self, messages: Sequence[ChatMessage], *, template: str | None = None
+    ) -> list[int]:
+        """The prompt tokens `chat` would complete for these messages (rendered with the
+        chat template, special tokens parsed): for counting, or to `prefill` a chat."""
+        prompt = self._chat(messages, template)
+        return self._ask(
+            lambda actor: actor.tokenize(
+                actor.render_chat(prompt.messages, prompt.template), True, True
+            )
+        )
+
     def detokenize(self, tokens: Sequence[int]) -> str:
         """Text of token ids (invalid UTF-8 is replaced)."""
         checked = self._token_ids(tokens, "tokens") if len(tokens) else []
@@ -201,6 +213,21 @@ class ModelHandle:
 
         return [embed_one(text) for text in texts]
 
+    def embed_tokens(self, inputs: Sequence[Sequence[int]]) -> list[list[float]]:
+        """One embedding per token list (used as given: no BOS added)."""
+        if not inputs:
+            raise InvalidRequestError("inputs must not be empty", self._name, param="inputs")
+        lists = [self._token_ids(list(tokens), "inputs") for tokens in inputs]
+        if not all(lists):
+            raise InvalidRequestError(
+                "every input needs at least one token", self._name, param="inputs"
+            )
+
+        def embed_one(tokens: list[int]) -> list[float]:
+            return self._ask(lambda actor: actor.embed(tokens))
+
+        return [embed_one(tokens) for tokens in lists]
+
     def evict(self) -> int:
         """Save the state of every request in flight (reason ``evict``); returns how many."""
         return self._ask(lambda actor: actor.evict(SaveReason.EVICT))
@@ -209,6 +236,12 @@ class ModelHandle:
         """`tokenize` for asyncio."""
         return await asyncio.to_thread(self.tokenize, text, add_special)
 
+    async def achat_tokens(
+        self, messages: Sequence[ChatMessage], *, template: str | None = None
+    ) -> list[int]:
+        """`chat_tokens` for asyncio."""
+        return await asyncio.to_thread(self.chat_tokens, messages, template=template)
+
     async def adetokenize(self, tokens: Sequence[int]) -> str:
         """`detokenize` for asyncio."""
         return await asyncio.to_thread(self.detokenize, tokens)
@@ -216,6 +249,10 @@ class ModelHandle:
     async def aembed(self, inputs: str | Sequence[str]) -> list[list[float]]:
         """`embed` for asyncio."""
         return await asyncio.to_thread(self.embed, inputs)
+
+    async def aembed_tokens(self, inputs: Sequence[Sequence[int]]) -> list[list[float]]:
+        """`embed_tokens` for asyncio."""
+        return await asyncio.to_thread(self.embed_tokens, inputs)
 
     async def aevict(self) -> int:
         """`evict` for asyncio."""

@@ -29,7 +29,16 @@ from erllama_py.model_handle import ModelHandle, RuntimeCore
 from erllama_py.params import ChatMessage, CompletionOptions, ModelOptions
 from erllama_py.results import CacheHit, Completion, ModelInfo
 from erllama_py.streams import AsyncEventStream, EventStream
-from supervisors import NoProcError, Registry, TreeNode, tree
+from supervisors import (
+    ChildSpec,
+    NoProcError,
+    Registry,
+    TreeNode,
+    delete_child,
+    start_child,
+    terminate_child,
+    tree,
+)
 
 __all__ = ["Runtime", "astart", "start"]
 
@@ -40,14 +49,17 @@ ConfigSource = str | Path | Mapping[str, object] | Config | None
 """A sys.yaml path, a mapping (sys.yaml's structure), a `Config`, or None for defaults."""
 
 
-def start(config: ConfigSource = None) -> Runtime:
+def start(config: ConfigSource = None, *, load_models: bool = True) -> Runtime:
     """Start a runtime from a sys.yaml path, a mapping, a `Config`, or defaults (None).
+
+    With ``load_models=False`` the models of the configuration are not loaded yet
+    (call `Runtime.load_configured_models`): a server answers ``/health`` meanwhile.
 
     Raises:
         ConfigError: the configuration is invalid (the error names the key).
         ModelLoadError: a model listed in the configuration cannot be loaded.
     """
-    return Runtime(load_config(config))
+    return Runtime(load_config(config), load_models=load_models)
 
 
 async def astart(config: ConfigSource = None) -> Runtime:
@@ -61,18 +73,28 @@ class Runtime:
     Use it as a context manager (``with`` or ``async with``), or call `stop`.
     """
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, *, load_models: bool = True) -> None:
         self.config = config
         self._tree: Tree = start_tree(config)
         self.cache: CacheHandle = self._tree.cache
         self._stopped = False
         self._core = RuntimeCore(self._tree, self._check_running)
-        try:
-            for settings in config.models:
+        if load_models:
+            try:
+                self.load_configured_models()
+            except BaseException:
+                self.stop()
+                raise
+
+    def load_configured_models(self) -> None:
+        """Load every model of the configuration that is not loaded yet, in order.
+
+        Raises:
+            ModelLoadError: a model cannot be loaded (those before it stay loaded).
+        """
+        for settings in self.config.models:
+            if settings.name not in self._tree.models:
                 self._registry().load(settings).get(timeout=LOAD_TIMEOUT_S)
-        except BaseException:
-            self.stop()
-            raise
 
     # ------------------------------------------------------------------ models
 
@@ -251,6 +273,23 @@ class Runtime:
         """A JSON-serialisable snapshot of the whole supervision tree."""
         self._check_running()
         return tree(self._tree.root)
+
+    def attach(self, spec: ChildSpec) -> None:
+        """Start a child (a service of the application, such as the HTTP server) under the
+        runtime's root supervisor: it is restarted like the runtime's own children, shows
+        in `tree`, and stops with the runtime.
+
+        Raises:
+            whatever the child's start raised (the child is not added).
+        """
+        self._check_running()
+        start_child(self._tree.root, spec)
+
+    def detach(self, child_id: str, timeout: float = 30.0) -> None:
+        """Stop and remove a child added with `attach` (its own shutdown runs)."""
+        self._check_running()
+        terminate_child(self._tree.root, child_id, timeout=timeout)
+        delete_child(self._tree.root, child_id, timeout=timeout)
 
     @property
     def registry(self) -> Registry:

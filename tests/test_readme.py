@@ -1,4 +1,5 @@
-"""The README's quick taste runs as written (on the shipped sys.yaml, tiers moved to tmp)."""
+"""The README's examples run as written: the quick taste (on the shipped sys.yaml, tiers
+moved to tmp) and the server example (against `erllama-py serve` on that sys.yaml)."""
 
 from __future__ import annotations
 
@@ -14,20 +15,52 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 
 
-def _quick_taste() -> str:
+def _example(marker: str) -> str:
     text = (REPO / "README.md").read_text(encoding="utf-8")
-    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
-    assert blocks, "the README has no python example"
+    blocks = [b for b in re.findall(r"```python\n(.*?)```", text, flags=re.S) if marker in b]
+    assert len(blocks) == 1, f"the README has no single python example with {marker!r}"
     return str(blocks[0])
 
 
-@pytest.mark.real_model
-def test_the_readme_quick_taste_runs(tmp_path: Path) -> None:
+def _quick_taste() -> str:
+    return _example("import erllama_py")
+
+
+def _config(tmp_path: Path) -> dict:
     config = yaml.safe_load((REPO / "sys.yaml").read_text(encoding="utf-8"))
     for tier in config["cache"]["tiers"]:
         if "root" in tier:
             tier["root"] = str(tmp_path / tier["kind"])
     config["daemon"] = {"log_file": str(tmp_path / "log" / "erllama-py.log")}
+    return config
+
+
+@pytest.mark.real_model
+def test_the_readme_server_example_runs_against_make_run(tmp_path: Path) -> None:
+    from erllama_py.config import load_config
+    from erllama_py.server.serve import start_serving
+
+    config = _config(tmp_path)
+    config["server"]["port"] = 0
+    serving = start_serving(load_config(config))
+    try:
+        script = tmp_path / "client.py"
+        code = _example("from openai import OpenAI")
+        assert "http://127.0.0.1:8080/v1" in code, "the example names make run's address"
+        script.write_text(code.replace("http://127.0.0.1:8080", serving.url), encoding="utf-8")
+        done = subprocess.run(
+            [sys.executable, str(script)], capture_output=True, text=True, timeout=300,
+            check=False,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert done.stdout.strip()
+    finally:
+        serving.stop()
+
+
+@pytest.mark.real_model
+def test_the_readme_quick_taste_runs(tmp_path: Path) -> None:
+    config = _config(tmp_path)
     (tmp_path / "sys.yaml").write_text(yaml.safe_dump(config), encoding="utf-8")
     script = tmp_path / "taste.py"
     script.write_text(_quick_taste(), encoding="utf-8")

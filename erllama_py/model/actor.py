@@ -272,13 +272,13 @@ class ModelActor(SupervisedActor):
     # ------------------------------------------------------------------ the tick
 
     def _tick(self) -> None:
+        self._expire()  # also while there is no worker: queued requests time out as usual
         if not self._connect():
             if self.pending or self.active:
                 self._schedule(RECONNECT_S)
             self._update_obs()
             return
         try:
-            self._expire()
             self._admit()
             for r in self.active:
                 if r.cancel_requested and not r.finishing:
@@ -306,7 +306,7 @@ class ModelActor(SupervisedActor):
         if self.active:
             self._schedule()
         elif self.pending:
-            self._schedule(DEFER_RETRY_S if self._deferred else self._next_deadline())
+            self._schedule(DEFER_RETRY_S if self._deferred else 0.0)
 
     def _expire(self) -> None:
         """End the requests whose ``timeout`` has passed: queued ones at once, running
@@ -330,13 +330,6 @@ class ModelActor(SupervisedActor):
             self.name,
             request_id=r.id,
         )
-
-    def _next_deadline(self) -> float:
-        """Seconds until the first queued request's deadline (0 when none has one)."""
-        deadlines = [d for r in self.pending if (d := r.request.deadline) is not None]
-        if not deadlines:
-            return 0.0
-        return max(0.001, min(deadlines) - time.perf_counter())
 
     def _admit(self) -> None:
         self._deferred = False
