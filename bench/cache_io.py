@@ -22,19 +22,17 @@ cached pages first (``posix_fadvise(DONTNEED)``). The cache runs with
 ``promote_on_hit`` and ``demote_on_evict`` off so that no background copy competes
 with the timed call. Then a longest-prefix lookup of a 30,000-token prompt over
 ``--rows`` rows through the facade. Prints a markdown report and writes it to
-``bench/results/cache_io.md``. 1 MB = 2**20 bytes.
+``bench/results/cache_io.md`` (``--output DIR``: ``DIR/cache_io.md``; ``--dirty``:
+see bench/common.py). 1 MB = 2**20 bytes.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
 import os
-import platform
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -45,13 +43,14 @@ from pathlib import Path
 import numpy as np
 
 import erllama_py.cache
+from bench.common import command_line, header, result_options, write_result
 from erllama_py.cache import CacheHandle, Namespace, ctx_params_hash
 from erllama_py.config import CacheSettings, TierSettings
 
 MB = 1 << 20
 GB = 1 << 30
 REPO = Path(__file__).resolve().parents[1]
-RESULTS = REPO / "bench" / "results" / "cache_io.md"
+NAME = "cache_io"
 NS = Namespace(bytes(range(32)), "q4_k_m", ctx_params_hash(n_ctx=32768))
 GOAL_RATIO = 1.5  # facade time / raw time
 GOAL_PREFIX_MS = 1.0
@@ -96,21 +95,6 @@ def drop_page_cache(path: Path) -> None:
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
     finally:
         os.close(fd)
-
-
-def git_commit() -> str:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            cwd=REPO,
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=False,
-        )
-    except OSError:
-        return "?"
-    return out.stdout.strip() or "?"
 
 
 @contextlib.contextmanager
@@ -376,10 +360,15 @@ def main() -> None:
     parser.add_argument("--sizes", default="1,16,128", help="payload sizes in MB")
     parser.add_argument("--rows", type=int, default=10_000, help="rows for the prefix lookup")
     parser.add_argument("--prefix-runs", type=int, default=200)
-    parser.add_argument("--output", type=Path, default=RESULTS)
+    result_options(parser)
     args = parser.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
-    load1, load5, _ = os.getloadavg()
+    top = header(
+        "Cache I/O: the facade against raw file I/O",
+        command_line(NAME),
+        dirty_ok=args.dirty,
+        model=False,
+    )
     with tier_roots() as (ram_file, disk):
         largest = max(sizes) * MB
         cache = erllama_py.cache.start(
@@ -400,20 +389,9 @@ def main() -> None:
             cache.stop()
         where = {"ram_file": filesystem_of(ram_file), "disk": filesystem_of(disk)}
     prefix_text, prefix_ms = prefix_section(args.rows, args.prefix_runs)
-    command = ".venv/bin/python -m bench.cache_io" + (
-        " " + " ".join(sys.argv[1:]) if sys.argv[1:] else ""
-    )
     worst = max(ratios) if ratios else float("nan")
-    report = "\n".join(
+    report = top + "\n".join(
         [
-            "# Cache I/O: the facade against raw file I/O",
-            "",
-            f"- command: `{command}`",
-            f"- date: {datetime.datetime.now(datetime.UTC).strftime('%Y-%m-%d %H:%M UTC')}",
-            f"- commit: {git_commit()} (the cache package may carry uncommitted changes)",
-            f"- machine: {platform.machine()}, {os.cpu_count()} CPUs, load average at start "
-            f"{load1:.2f} / {load5:.2f} (1 / 5 min), shared with other jobs; "
-            f"Python {platform.python_version()}",
             f"- ram_file root: {where['ram_file']}; disk root: {where['disk']}",
             "- each figure is the median of its row's runs (more runs for small payloads); "
             "1 MB = 2**20 bytes",
@@ -451,9 +429,7 @@ def main() -> None:
             f"Goal: under {GOAL_PREFIX_MS:.0f} ms; measured {prefix_ms:.3f} ms.",
         ]
     )
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(report + "\n", encoding="utf-8")
-    print(report)
+    write_result(NAME, report, args.output, dirty_ok=args.dirty)
 
 
 if __name__ == "__main__":

@@ -3,14 +3,21 @@
 Every benchmark measures erllama-py through its public API (``erllama_py.start``
 and ``rt.complete`` / ``rt.stream`` / ``rt.chat``) next to llama-cpp-python's
 ``Llama`` driven directly, in one process run, and writes a markdown file to
-``bench/results/<name>.md``. The peer is configured like our worker's
-context (flash attention on, no full-size SWA cache, f16 KV, same
-``n_batch``) so that both run the same llama.cpp kernels: the comparison is
-of everything around them.
+``bench/results/<name>.md`` (or ``--output DIR``). The peer is configured like
+our worker's context (flash attention off for a sliding-window model such as
+gemma-3, on otherwise; no full-size SWA cache, f16 KV, same ``n_batch``) so that
+both run the same llama.cpp kernels: the comparison is of everything around them.
+
+A result file names the commit it measured. A benchmark refuses to start from
+a tree with uncommitted changes (anything ``git status`` lists outside
+``bench/results/``), and refuses to write its file if the tree changed during
+the run, unless it is told ``--dirty``; the file's header then says so and
+lists the changed files.
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import datetime
 import functools
@@ -283,46 +290,145 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     return "\n".join(lines)
 
 
-def _git(*args: str) -> str:
+def _git(*args: str) -> str | None:
+    """Git's output in the repository, or None when git or the repository is missing."""
     try:
         out = subprocess.run(
-            ["git", *args], cwd=REPO, capture_output=True, text=True, timeout=10, check=False
+            ["git", *args], cwd=REPO, capture_output=True, text=True, timeout=30, check=False
         )
-    except OSError:
-        return "?"
-    return out.stdout.strip() or "?"
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout if out.returncode == 0 else None
 
 
-def header(title: str, command: str) -> str:
-    """The result file's heading: what ran, where, when, on what load."""
-    import llama_cpp
+@dataclass(frozen=True)
+class Provenance:
+    """The code a run measures: the commit, and what differs from it in the tree."""
 
-    dirty = " (with uncommitted changes)" if _git("status", "--porcelain", "erllama_py") else ""
-    load1, load5, _ = os.getloadavg()
-    return "\n".join(
-        [
-            f"# {title}",
-            "",
-            f"- command: `{command}`",
-            f"- date: {datetime.datetime.now(datetime.UTC).strftime('%Y-%m-%d %H:%M UTC')}",
-            f"- commit: {_git('rev-parse', '--short', 'HEAD')}{dirty}",
-            f"- machine: {platform.machine()}, {os.cpu_count()} CPUs, "
-            f"load average at start {load1:.2f} / {load5:.2f} (1 / 5 min); "
-            "shared with other jobs, so absolute times are noisy: read the ratios",
-            f"- model: {model_path().name}, {N_THREADS} threads; "
-            f"llama-cpp-python {llama_cpp.__version__}; Python {platform.python_version()}",
-            "",
-        ]
+    commit: str | None  # short hash of HEAD; None outside a git checkout
+    changed: tuple[str, ...]  # uncommitted or untracked paths, bench/results/ excluded
+
+    @property
+    def clean(self) -> bool:
+        return self.commit is not None and not self.changed
+
+    def line(self) -> str:
+        """The ``- commit:`` line of a result file."""
+        if self.clean:
+            return f"- commit: {self.commit}"
+        if self.commit is None:
+            return "- commit: unknown (not a git checkout; run with --dirty)"
+        shown = ", ".join(self.changed[:8])
+        more = f" and {len(self.changed) - 8} more" if len(self.changed) > 8 else ""
+        return (
+            f"- commit: {self.commit} plus uncommitted changes (run with --dirty): "
+            f"{shown}{more}; these figures are not reproducible from the commit"
+        )
+
+
+def provenance() -> Provenance:
+    """The current commit and the paths that differ from it (bench/results/ excluded)."""
+    head = _git("rev-parse", "--short", "HEAD")
+    status = _git(
+        "status", "--porcelain", "--untracked-files=all", "--", ".", ":(exclude)bench/results"
+    )
+    if head is None or status is None:
+        return Provenance(None, ())
+    changed = tuple(sorted({line[3:] for line in status.splitlines() if line.strip()}))
+    return Provenance(head.strip(), changed)
+
+
+class DirtyTreeError(SystemExit):
+    """A benchmark was asked to produce figures from code that is not committed."""
+
+
+def result_options(parser: argparse.ArgumentParser) -> None:
+    """The options every benchmark takes: where the result goes, and ``--dirty``."""
+    parser.add_argument(
+        "--output",
+        type=Path,
+        default=RESULTS,
+        help="folder of the result file (default bench/results; a scratch folder for trials)",
+    )
+    parser.add_argument(
+        "--dirty",
+        action="store_true",
+        help="run from a tree with uncommitted changes; the result file's header says so",
     )
 
 
-def write_result(name: str, body: str) -> Path:
-    """Write ``bench/results/<name>.md`` and print it."""
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"{name}.md"
-    path.write_text(body.rstrip() + "\n", encoding="utf-8")
+_STARTED: Provenance | None = None
+
+
+def require_committed(dirty_ok: bool) -> Provenance:
+    """The provenance of this run; refuses a dirty tree unless `dirty_ok` (``--dirty``).
+
+    Raises:
+        DirtyTreeError: the tree has uncommitted changes and `dirty_ok` is false.
+    """
+    global _STARTED  # noqa: PLW0603 - one run per process: its provenance at the start
+    found = provenance()
+    if not found.clean and not dirty_ok:
+        what = ", ".join(found.changed[:8]) if found.commit else "no git checkout"
+        raise DirtyTreeError(
+            f"bench: refusing to measure uncommitted code ({what}). Commit it, or pass "
+            "--dirty to write results whose header says they are not from a commit."
+        )
+    _STARTED = found
+    return found
+
+
+def header(title: str, command: str, *, dirty_ok: bool, model: bool = True) -> str:
+    """The result file's heading: what ran, from which commit, where, when, on what load.
+
+    Refuses a dirty tree unless `dirty_ok` (see `require_committed`).
+    """
+    where = require_committed(dirty_ok)
+    load1, load5, _ = os.getloadavg()
+    lines = [
+        f"# {title}",
+        "",
+        f"- command: `{command}`",
+        f"- date: {datetime.datetime.now(datetime.UTC).strftime('%Y-%m-%d %H:%M UTC')}",
+        where.line(),
+        f"- machine: {platform.machine()}, {os.cpu_count()} CPUs, "
+        f"load average at start {load1:.2f} / {load5:.2f} (1 / 5 min); "
+        "shared with other jobs, so absolute times are noisy: read the ratios",
+    ]
+    if model:
+        import llama_cpp
+
+        lines.append(
+            f"- model: {model_path().name}, {N_THREADS} threads; "
+            f"llama-cpp-python {llama_cpp.__version__}; Python {platform.python_version()}"
+        )
+    else:
+        lines.append(f"- Python {platform.python_version()}")
+    return "\n".join([*lines, ""])
+
+
+def write_result(name: str, body: str, output: Path = RESULTS, *, dirty_ok: bool) -> Path:
+    """Print the report, then write ``<output>/<name>.md``.
+
+    Refuses (after printing) when the tree changed since `header` checked it, unless
+    `dirty_ok`: the figures would belong to no commit.
+
+    Raises:
+        DirtyTreeError: the code changed during the run and `dirty_ok` is false.
+    """
     print(body)
     sys.stdout.flush()
+    if _STARTED is None:
+        raise RuntimeError("write_result before header: the run's commit was never checked")
+    now = provenance()
+    if now != _STARTED and not dirty_ok:
+        raise DirtyTreeError(
+            f"bench: the tree changed during the run (was {_STARTED.line()[2:]}, now "
+            f"{now.line()[2:]}); {name}.md not written. Rerun from a commit, or with --dirty."
+        )
+    output.mkdir(parents=True, exist_ok=True)
+    path = output / f"{name}.md"
+    path.write_text(body.rstrip() + "\n", encoding="utf-8")
     return path
 
 

@@ -33,6 +33,7 @@ from bench.common import (
     load,
     median,
     peer_complete,
+    result_options,
     runtime_config,
     spread,
     table,
@@ -90,8 +91,11 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--prompt", type=int, default=64)
     parser.add_argument("--reps", type=int, default=8)
+    result_options(parser)
     args = parser.parse_args()
-    top = header("Decode speed: tokens/s, ours vs llama-cpp-python", command_line(NAME))
+    top = header(
+        "Decode speed: tokens/s, ours vs llama-cpp-python", command_line(NAME), dirty_ok=args.dirty
+    )
     rows: list[dict[str, Any]] = []
     with tier_roots(NAME) as roots, erllama_py.start(runtime_config(roots, NO_SAVES)) as rt:
         model = load(rt, "decode", tier="ram")
@@ -179,7 +183,7 @@ def main() -> None:
             ],
         ),
     ]
-    write_result(NAME, top + "\n".join(body))
+    write_result(NAME, top + "\n".join(body), args.output, dirty_ok=args.dirty)
 
 
 if __name__ == "__main__":

@@ -43,6 +43,7 @@ from bench.common import (
     median,
     percentile,
     quiet,
+    result_options,
     runtime_config,
     table,
     text,
@@ -143,10 +144,13 @@ def main() -> None:
     parser.add_argument("--turns", type=int, default=6)
     parser.add_argument("--words", type=int, default=700)
     parser.add_argument("--max-tokens", type=int, default=16)
+    result_options(parser)
     args = parser.parse_args()
     from llama_cpp.llama_cache import LlamaRAMCache
 
-    top = header("Multi-turn replay: interleaved conversations", command_line(NAME))
+    top = header(
+        "Multi-turn replay: interleaved conversations", command_line(NAME), dirty_ok=args.dirty
+    )
     context = text("multi-turn shared context", args.words)
     sides = ("ours", "llama-cpp-python")
     history: dict[str, list[list[dict[str, str]]]] = {
@@ -172,7 +176,7 @@ def main() -> None:
                     messages.append({"role": "assistant", "content": record["text"]})
                     records[side][c].append(record)
         llm.close()
-    write_result(NAME, top + report(records, args))
+    write_result(NAME, top + report(records, args), args.output, dirty_ok=args.dirty)
 
 
 def share(rs: list[dict[str, Any]]) -> float:

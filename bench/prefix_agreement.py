@@ -25,8 +25,9 @@ its own cache identity:
 llama.cpp computes batches of fewer than 64 tokens on another kernel path, so
 a prefix hit whose suffix is short can differ from the cold run (which
 prefilled P's tail and S in one batch) in near-ties. Reported: the share of
-pairs whose continuation equals the cold run's, the position-wise agreement,
-the first divergence, and what deterministic mode costs in restored tokens.
+pairs whose continuation equals the cold run's, the share among the pairs that
+got a hit (a pair without one ran cold twice), the position-wise agreement, the
+first divergence, and what deterministic mode costs in restored tokens.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ from bench.common import (
     header,
     load,
     median,
+    result_options,
     runtime_config,
     table,
     tier_roots,
@@ -69,9 +71,12 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=30)
     parser.add_argument("--continuation", type=int, default=32)
     parser.add_argument("--seed", type=int, default=7)
+    result_options(parser)
     args = parser.parse_args()
     rnd = random.Random(args.seed)
-    top = header("Prefix agreement: prefix hits vs cold runs", command_line(NAME))
+    top = header(
+        "Prefix agreement: prefix hits vs cold runs", command_line(NAME), dirty_ok=args.dirty
+    )
     pairs: list[dict[str, Any]] = []
     with (
         tier_roots(NAME) as roots,
@@ -129,16 +134,18 @@ def main() -> None:
                     ),
                 }
             pairs.append(record)
-    write_result(NAME, top + report(pairs, args.continuation))
+    write_result(NAME, top + report(pairs, args.continuation), args.output, dirty_ok=args.dirty)
 
 
 def _summary(pairs: list[dict[str, Any]], mode: str, n: int) -> list[str]:
     if not pairs:
-        return [mode, "0", "-", "-", "-", "-", "-"]
+        return [mode, "0", "-", "-", "-", "-", "-", "-"]
     equal = sum(1 for p in pairs if p[mode]["equal"])
     positions = sum(p[mode]["agree"] for p in pairs) / (n * len(pairs))
     diverged = [p[mode]["diverge"] for p in pairs if not p[mode]["equal"]]
-    hits = sum(1 for p in pairs if p[mode]["kind"] != "cold")
+    hits = [p for p in pairs if p[mode]["kind"] != "cold"]
+    # A pair without a hit ran cold twice: its agreement says nothing about hits.
+    equal_hits = sum(1 for p in hits if p[mode]["equal"])
     restored = sum(p[mode]["cached"] for p in pairs) / sum(p["prefix"] for p in pairs)
     return [
         mode,
@@ -146,7 +153,8 @@ def _summary(pairs: list[dict[str, Any]], mode: str, n: int) -> list[str]:
         f"{equal} ({100 * equal / len(pairs):.0f}%)",
         f"{100 * positions:.1f}%",
         f"{median(diverged):.0f} (min {min(diverged)})" if diverged else "-",
-        f"{hits}",
+        f"{len(hits)}",
+        f"{equal_hits} of {len(hits)}",
         f"{100 * restored:.0f}%",
     ]
 
@@ -161,7 +169,8 @@ def report(pairs: list[dict[str, Any]], n: int) -> str:
             row.append(f"{m['kind']} {m['cached']}: {verdict}")
         detail.append(row)
     headers = ["subset", "pairs", "continuation == cold", "positions agreeing",
-               "first divergence, median", "hits", "prefix tokens restored"]  # fmt: skip
+               "first divergence, median", "hits", "hits == cold",
+               "prefix tokens restored"]  # fmt: skip
     summary = []
     short = [p for p in pairs if p["suffix"] < 64]
     long = [p for p in pairs if p["suffix"] >= 64]

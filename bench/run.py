@@ -3,13 +3,16 @@
 Run from the repository root::
 
     .venv/bin/python -m bench.run [--only warm_start,decode_speed] [--quick]
+                                  [--output DIR] [--dirty]
 
-Each benchmark writes ``bench/results/<name>.md`` and prints it; this runner
-adds nothing but the order, a time limit per benchmark and a summary. With
-``--quick`` every benchmark runs with fewer repetitions (a smoke run: the
-figures are then too noisy to quote). ``trie_bench`` only prints, so its
-output is saved as ``bench/results/trie_bench.md`` here. See bench/README.md
-for what each benchmark measures and how to read it.
+Each benchmark writes ``bench/results/<name>.md`` (or ``DIR/<name>.md``) and
+prints it; this runner adds nothing but the order, a time limit per benchmark
+and a summary. With ``--quick`` every benchmark runs with fewer repetitions (a
+smoke run: the figures are then too noisy to quote; send them to a scratch
+``--output``). ``trie_bench`` only prints, so its output is saved as
+``trie_bench.md`` here. Like every benchmark, the runner refuses to start from a
+tree with uncommitted changes unless told ``--dirty`` (see bench/common.py).
+See bench/README.md for what each benchmark measures and how to read it.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench.common import RESULTS
+from bench.common import RESULTS, provenance, require_committed
 
 REPO = Path(__file__).resolve().parents[1]
 # (name, arguments of a full run, arguments of a quick run, time limit in seconds)
@@ -42,12 +45,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", default="", help="comma-separated benchmark names")
     parser.add_argument("--quick", action="store_true", help="fewer repetitions (smoke run)")
+    parser.add_argument("--output", type=Path, default=RESULTS, help="folder of the results")
+    parser.add_argument(
+        "--dirty", action="store_true", help="allow uncommitted changes (the headers say so)"
+    )
     args = parser.parse_args()
     wanted = [n for n in args.only.split(",") if n]
     known = [name for name, *_ in BENCHMARKS]
     unknown = [n for n in wanted if n not in known]
     if unknown:
         parser.error(f"unknown benchmark(s) {', '.join(unknown)}; known: {', '.join(known)}")
+    args.output = args.output.resolve()  # the benchmarks run from the repository root
+    where = require_committed(args.dirty)  # at once, not after half an hour of benchmarks
+    passed = ["--output", str(args.output), *(["--dirty"] if args.dirty else [])]
     summary: list[tuple[str, str, float]] = []
     for name, full, quick, limit in BENCHMARKS:
         if wanted and name not in wanted:
@@ -56,6 +66,8 @@ def main() -> None:
             summary.append((name, "absent", 0.0))
             continue
         command = [sys.executable, "-m", f"bench.{name}", *(quick if args.quick else full)]
+        if name not in PRINT_ONLY:
+            command += passed
         print(f"\n=== {' '.join(command[1:])}", flush=True)
         started = time.monotonic()
         try:
@@ -66,11 +78,14 @@ def main() -> None:
                 code = done.returncode
                 print(done.stdout, end="")
                 print(done.stderr, end="", file=sys.stderr)
-                if code == 0:
-                    RESULTS.mkdir(parents=True, exist_ok=True)
-                    (RESULTS / f"{name}.md").write_text(
-                        f"# {name}\n\n`.venv/bin/python -m bench.{name}`\n\n```\n"
-                        f"{done.stdout.rstrip()}\n```\n",
+                if code == 0 and provenance() != where and not args.dirty:
+                    code = 1
+                    print(f"the tree changed during {name}: its result is not written")
+                elif code == 0:
+                    args.output.mkdir(parents=True, exist_ok=True)
+                    (args.output / f"{name}.md").write_text(
+                        f"# {name}\n\n- command: `.venv/bin/python -m bench.{name}`\n"
+                        f"{where.line()}\n\n```\n{done.stdout.rstrip()}\n```\n",
                         encoding="utf-8",
                     )
             else:

@@ -39,6 +39,7 @@ from bench.common import (
     load,
     median,
     percentile,
+    result_options,
     runtime_config,
     spread,
     table,
@@ -87,8 +88,13 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=512)
     parser.add_argument("--prompt", type=int, default=128)
     parser.add_argument("--reps", type=int, default=3)
+    result_options(parser)
     args = parser.parse_args()
-    top = header("Save stall: decode speed with continued saves vs saves off", command_line(NAME))
+    top = header(
+        "Save stall: decode speed with continued saves vs saves off",
+        command_line(NAME),
+        dirty_ok=args.dirty,
+    )
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name in CONFIGS}
     same_output: list[bool] = []
     with (
@@ -159,7 +165,7 @@ def main() -> None:
         "Every configuration generated the same tokens as saves off in each repetition: "
         f"{'yes' if all(same_output) else 'no'} ({same_output}).",
     ]
-    write_result(NAME, top + "\n".join(body))
+    write_result(NAME, top + "\n".join(body), args.output, dirty_ok=args.dirty)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ from bench.common import (
     header,
     load,
     median,
+    result_options,
     runtime_config,
     spread,
     table,
@@ -40,8 +41,9 @@ def main() -> None:
     parser.add_argument("--sizes", default="512,2000,3500")
     parser.add_argument("--warm", type=int, default=30)
     parser.add_argument("--tier", default="ram", choices=["ram", "ram_file", "disk"])
+    result_options(parser)
     args = parser.parse_args()
-    top = header("Warm path, back to back", command_line(NAME))
+    top = header("Warm path, back to back", command_line(NAME), dirty_ok=args.dirty)
     rows = []
     with (
         tier_roots(NAME) as roots,
@@ -72,7 +74,7 @@ def main() -> None:
         + table(["tokens", "cold ttft", "warm ttft", "warm restore", "cold / warm"], rows)
         + "\n"
     )
-    write_result(NAME, top + body)
+    write_result(NAME, top + body, args.output, dirty_ok=args.dirty)
 
 
 if __name__ == "__main__":

@@ -47,6 +47,7 @@ from bench.common import (
     load,
     median,
     peer_complete,
+    result_options,
     runtime_config,
     spread,
     table,
@@ -174,9 +175,12 @@ def main() -> None:
     parser.add_argument("--sizes", default="512,2000,3500")
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--warm", type=int, default=5)
+    result_options(parser)
     args = parser.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
-    top = header("Warm start: time to first token, cold vs warm", command_line(NAME))
+    top = header(
+        "Warm start: time to first token, cold vs warm", command_line(NAME), dirty_ok=args.dirty
+    )
     acc = Collected()
     with (
         tier_roots(NAME) as roots,
@@ -192,7 +196,7 @@ def main() -> None:
                 print(f"size {size} rep {rep + 1}/{args.reps}", flush=True)
                 run_rep(models, size=size, rep=rep, n_warm=args.warm, acc=acc)
 
-    write_result(NAME, top + report(sizes, acc, args.reps))
+    write_result(NAME, top + report(sizes, acc, args.reps), args.output, dirty_ok=args.dirty)
 
 
 def _cold(samples: list[dict[str, Any]]) -> list[float]:

@@ -355,6 +355,7 @@ class MetaActor(SupervisedActor):
             fallback_tiers=action.targets[1:],
             owns_payload=True,
             demotion=True,
+            checksum=entry.checksum,
         )
         submit_unreserved(self.shared, job)
 

@@ -8,7 +8,9 @@ Publish protocol for a file tier (spec 4.12-4.14), one row per job; the
 process) at that point leaves, and who cleans it up:
 
 1. Frame the row: header, tokens and meta as one small *prefix*; the payload
-   checksum is computed in place. Nothing is written yet.
+   checksum is computed in place. A demotion's payload must still have the
+   checksum its RAM row was published with, or it is dropped as corrupt.
+   Nothing is written yet.
    *If killed here:* nothing on disk, nothing reserved.
 2. Reserve (key, tier) and the row's bytes in the tier's quota with the meta
    actor; it evicts least recently used unpinned rows to make room, or
@@ -56,7 +58,13 @@ from erllama_py.cache.key import Namespace, make_key_encoded
 from erllama_py.cache.payload import Payload, payload_checksum, payload_view, release_payload
 from erllama_py.cache.ramstore import RamEntry
 from erllama_py.cache.rows import Announcement, ReserveRequest
-from erllama_py.errors import CacheError, PayloadTooLargeError, ReservationError, TierFullError
+from erllama_py.errors import (
+    CacheError,
+    CacheFormatError,
+    PayloadTooLargeError,
+    ReservationError,
+    TierFullError,
+)
 from erllama_py.kinds import SaveReason
 
 if TYPE_CHECKING:
@@ -109,6 +117,9 @@ class SaveJob:
     owns_payload: bool = False
     extra: Mapping[str, object] | None = None
     demotion: bool = False
+    # The payload's checksum when it was published (a demotion's RAM row): a payload whose
+    # bytes changed since is corrupt, and is never framed with a checksum of its own.
+    checksum: int | None = None
     prefix: bytes | None = None
     key: bytes | None = None
     token: int | None = None
@@ -154,9 +165,12 @@ def run_save(
             return result
         assert last_error is not None
         raise last_error
-    except CacheError:
+    except CacheError as exc:
         counters.incr("saves_dropped")
-        if job.demotion:
+        if isinstance(exc, CacheFormatError):
+            counters.incr("corrupt_files")
+            log.warning("cache: %s row not saved: %s", job.reason, exc)
+        elif job.demotion:
             log.info("demotion of a %s row dropped: no tier had room", job.reason)
         raise
     except OSError as exc:
@@ -168,11 +182,20 @@ def run_save(
 
 
 def prepare_file_save(job: SaveJob) -> tuple[bytes, bytes, int]:
-    """Step 1 for a file tier: frame the row. Returns (prefix, key, file size)."""
+    """Step 1 for a file tier: frame the row. Returns (prefix, key, file size).
+
+    Raises:
+        CacheFormatError: ``checksum_mismatch``, the payload no longer has ``job.checksum``.
+    """
     buffer = payload_view(job.payload)
     prefix, key = kvc.build_prefix_encoded(
         job.namespace, job.tokens, buffer, job.reason, extra=job.extra
     )
+    if job.checksum is not None:
+        framed = kvc.parse_prefix(prefix).payload_checksum
+        if framed != job.checksum:
+            detail = f"published as {job.checksum:016x}, now {framed:016x}"
+            raise CacheFormatError("checksum_mismatch", f"row {key.hex()}: {detail}")
     return prefix, key, len(prefix) + memoryview(buffer).nbytes
 
 

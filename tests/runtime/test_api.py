@@ -131,7 +131,10 @@ def test_an_exact_hit_reports_its_time_as_restore_and_decode_not_prefill(served,
     assert hit.cache.kind == "exact"
     assert_result_shape(hit, len(served.tokens(text)))
     assert hit.timings.decode_ms > 0.0
-    assert hit.timings.prefill_ms <= hit.timings.restore_ms + 1.0
+    # Nothing is left to prefill, and the restore lies within the prefill phase (each
+    # figure is rounded to 0.001 ms). How long it takes is bench/'s business.
+    assert hit.usage.cached_tokens == hit.usage.prompt_tokens
+    assert hit.timings.restore_ms <= hit.timings.prefill_ms + 0.001
 
 
 def test_generation_ending_on_an_end_of_generation_token_finishes_with_stop(rt, load):
@@ -535,8 +538,9 @@ def test_acomplete_does_not_block_the_event_loop(rt, load):
     result, ticks = _tick_while(lambda: rt.acomplete("slow", "async cat", max_tokens=20))
     assert len(result.tokens) == 20
     assert result.tokens == stub.complete("async cat", max_tokens=20).tokens
-    # 20 steps of at least 10 ms: a loop left free ticks many times meanwhile.
-    assert ticks >= 10
+    # A loop blocked by the call would not tick at all (the ticker runs only when the call
+    # yields); 3 ticks of 2 ms within 20 steps of 10 ms ask for no particular speed.
+    assert ticks >= 3
 
 
 def test_achat_does_not_block_the_event_loop(rt, load):
@@ -545,7 +549,7 @@ def test_achat_does_not_block_the_event_loop(rt, load):
     result, ticks = _tick_while(lambda: rt.achat("slow", messages, max_tokens=20))
     assert len(result.tokens) == 20
     assert result.tokens == rt.chat("slow", messages, max_tokens=20).tokens
-    assert ticks >= 10
+    assert ticks >= 3
 
 
 def test_astream_does_not_block_the_event_loop_and_yields_the_stream_events(rt, load):
@@ -557,7 +561,7 @@ def test_astream_does_not_block_the_event_loop_and_yields_the_stream_events(rt, 
     events, ticks = _tick_while(collect)
     assert [e.type for e in events] == ["delta"] * 20 + ["done"]
     assert events[-1].completion.tokens == stub.complete("astream cat", max_tokens=20).tokens
-    assert ticks >= 10
+    assert ticks >= 3
 
 
 def test_cancelling_an_acomplete_task_cancels_the_request(rt, load, wait_until):

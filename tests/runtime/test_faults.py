@@ -25,25 +25,23 @@ import pytest
 
 import erllama_py
 from erllama_py import CacheHit, ModelFailedError, ModelLoadError, WorkerCrashedError
+from erllama_py.model.client import DEFAULT_LOAD_TIMEOUT_S
 from erllama_py.model.testmodel import write_corrupt_models, write_duplicate_token_model
 
 REPO = Path(__file__).resolve().parents[2]
-CRASH_NOTICE_S = 3.0  # "within about a second", loosely: the machine is shared
 SIGNALS = {"SIGKILL": signal.SIGKILL, "SIGSEGV": signal.SIGSEGV, "SIGABRT": signal.SIGABRT}
 
 
 def in_thread(fn, *args: Any, **kwargs: Any) -> Future[Any]:
-    """Run `fn` in a thread; its future also records when it finished (``.finished_at``)."""
+    """Run `fn` in a thread; its outcome goes to the returned future."""
     future: Future[Any] = Future()
 
     def run() -> None:
         try:
             value = fn(*args, **kwargs)
         except BaseException as exc:
-            future.finished_at = time.monotonic()  # type: ignore[attr-defined]
             future.set_exception(exc)
         else:
-            future.finished_at = time.monotonic()  # type: ignore[attr-defined]
             future.set_result(value)
 
     threading.Thread(target=run, daemon=True).start()
@@ -105,11 +103,12 @@ def check_recovered(rt, m, old_pid: int, wait_until, assert_cache_sound) -> None
     assert all(c["restarts"] == 0 for c in cache_sup["children"])
 
 
-def assert_crashed(future: Future[Any], killed_at: float, sig: int) -> WorkerCrashedError:
+def assert_crashed(future: Future[Any], sig: int) -> WorkerCrashedError:
+    # The death notice (the channel closing), not a timeout, ends the request: it fails
+    # with the signal that killed the worker. How soon is measured in bench/, not here.
     with pytest.raises(WorkerCrashedError) as info:
         future.result(timeout=30)
     error = info.value
-    assert future.finished_at - killed_at < CRASH_NOTICE_S  # type: ignore[attr-defined]
     assert error.exitcode == -sig
     assert error.signal_name == signal.Signals(sig).name
     assert error.model == "m"
@@ -135,8 +134,7 @@ def test_sigkill_during_prefill_fails_the_request_and_a_new_worker_serves_the_qu
     wait_until(lambda: rt.pending_len("m") == 1, "the second request waits")
     wait_until(lambda: rt.phase("m") == "prefilling", "the long prompt prefills")
     os.kill(pid, signal.SIGKILL)
-    killed_at = time.monotonic()
-    assert_crashed(prefilling, killed_at, signal.SIGKILL)
+    assert_crashed(prefilling, signal.SIGKILL)
     assert queued.result(timeout=30).finish_reason == "length"
     check_recovered(rt, m, pid, wait_until, assert_cache_sound)
     bystander.check_untouched()
@@ -160,9 +158,8 @@ def test_a_worker_killed_during_decode_fails_its_requests_and_is_restarted(  # n
     wait_until(lambda: rt.model_info("m").tokens_generated >= 6, "both requests decode")
     assert rt.phase("m") == "generating"
     os.kill(pid, sig)
-    killed_at = time.monotonic()
     for future in running:
-        assert_crashed(future, killed_at, sig)
+        assert_crashed(future, sig)
     assert queued.result(timeout=30).finish_reason == "length"
     check_recovered(rt, m, pid, wait_until, assert_cache_sound)
     bystander.check_untouched()
@@ -203,8 +200,7 @@ def test_sigkill_while_the_worker_packs_a_save_leaves_nothing_corrupt(
         assert time.monotonic() < deadline, "the worker never packed a state"
         assert not running.done(), "the request ended before a save was caught"
     os.kill(pid, signal.SIGKILL)
-    killed_at = time.monotonic()
-    assert_crashed(running, killed_at, signal.SIGKILL)
+    assert_crashed(running, signal.SIGKILL)
     rt.cache.wait_idle(60)
     saved = [r for r in rt.cache_rows() if r.reason in ("cold", "continued")]
     assert saved, "no save landed before the kill"
@@ -360,8 +356,7 @@ def test_requests_in_flight_and_queued_when_a_model_fails_get_an_error_not_a_han
     queued = in_thread(m.complete, "the queued one", max_tokens=4)
     wait_until(lambda: rt.pending_len("m") == 1, "the second request waits")
     os.kill(pid, signal.SIGKILL)
-    killed_at = time.monotonic()
-    assert_crashed(running, killed_at, signal.SIGKILL)
+    assert_crashed(running, signal.SIGKILL)
     with pytest.raises(ModelFailedError, match="unload and load"):
         queued.result(timeout=30)
     wait_until(lambda: rt.phase("m") == "failed", "the model is reported failed")
@@ -397,7 +392,9 @@ def test_loading_a_corrupt_or_aborting_gguf_fails_cleanly_and_leaves_nothing_run
     started = time.monotonic()
     with pytest.raises(ModelLoadError) as info:
         rt.load_model("m", model_path=path, n_ctx=256, n_batch=64, n_threads=1)
-    assert time.monotonic() - started < 60
+    # Not a speed bound: a crash while loading must be noticed, not waited out (the load
+    # timeout is DEFAULT_LOAD_TIMEOUT_S, 120 s); half of it is a generous margin.
+    assert time.monotonic() - started < DEFAULT_LOAD_TIMEOUT_S / 2
     message = str(info.value)
     assert info.value.model == "m"
     if kind == "duplicate_token":

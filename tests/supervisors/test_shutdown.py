@@ -31,7 +31,7 @@ from supervisors import (
     which_children,
 )
 from supervisors._shutdown import kill_thread
-from supervisors._watch import find_actor_thread
+from supervisors._watch import Monitor, find_actor_thread
 
 
 def _hang(ref: pykka.ActorRef[Any]) -> Hang:
@@ -94,7 +94,9 @@ def test_child_that_ignores_stop_is_killed_after_its_shutdown_timeout(
         sup.stop(timeout=WAIT)
     elapsed = time.monotonic() - started
 
-    assert 0.3 <= elapsed < 1.3
+    # Never killed before its timeout. No upper bound: the child never stops by itself, so
+    # `stop` returned because of the kill, which the report below names.
+    assert elapsed >= 0.3
     thread.join(WAIT)
     assert not thread.is_alive()
     assert not stuck.is_alive()
@@ -105,14 +107,21 @@ def test_child_that_ignores_stop_is_killed_after_its_shutdown_timeout(
     assert actor is None or actor.exit_reason == "killed"
 
 
-def test_brutal_kill_does_not_wait() -> None:
+def test_brutal_kill_does_not_wait(monkeypatch: pytest.MonkeyPatch) -> None:
     sup = Supervisor.start("sup", children=[worker_spec("stuck", shutdown="brutal_kill")])
     stuck = handle_of(sup, "stuck")
     thread = _thread_of(stuck)
     _hang(stuck)
-    started = time.monotonic()
+    waits: list[float | None] = []
+    real_wait = Monitor.wait
+
+    def noted_wait(monitor: Monitor, timeout: float | None = None) -> bool:
+        waits.append(timeout)
+        return real_wait(monitor, timeout)
+
+    monkeypatch.setattr(Monitor, "wait", noted_wait)
     terminate_child(sup, "stuck", timeout=WAIT)
-    assert time.monotonic() - started < 1.0  # the default timeout would be 5 s
+    assert waits == []  # killed without waiting for the child to stop (the default: 5 s)
     thread.join(WAIT)
     assert not thread.is_alive()
 
@@ -168,11 +177,9 @@ def test_process_child_is_stopped_with_sigterm(caplog: pytest.LogCaptureFixture)
     sup = Supervisor.start("sup", children=[ChildSpec("p", spawn_obedient, shutdown=2.0)])
     process: ProcessChild = handle_of(sup, "p")
     ready_pid(process)
-    started = time.monotonic()
     with caplog.at_level(logging.ERROR, logger="supervisors"):
         terminate_child(sup, "p", timeout=WAIT)
-    assert time.monotonic() - started < 1.0
-    assert process.exitcode == -15
+    assert process.exitcode == -15  # SIGTERM ended it, before the SIGKILL of its timeout
     assert process.signal == "SIGTERM"
     assert process.channel.closed
     assert _shutdown_errors(caplog) == []
@@ -193,7 +200,7 @@ def test_process_child_that_ignores_sigterm_is_killed_after_its_timeout(
     with caplog.at_level(logging.ERROR, logger="supervisors"):
         sup.stop(timeout=WAIT)
     elapsed = time.monotonic() - started
-    assert 0.3 <= elapsed < 1.3
+    assert elapsed >= 0.3  # never killed before its timeout; killed, as the exit code says
     assert process.exitcode == -9
     (fields,) = _shutdown_errors(caplog)
     assert fields["reason"] == "killed"
