@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pykka
 
 from supervisors._actor import KILL_MESSAGE, SupervisedActor
@@ -46,7 +48,5 @@ def kill(handle: Handle) -> None:
     if thread is None or not kill_thread(thread):
         msg = f"{handle} has no running thread"
         raise NoProcError(msg)
-    try:
+    with contextlib.suppress(pykka.ActorDeadError):
         handle.tell(_Wake())
-    except pykka.ActorDeadError:
-        pass
