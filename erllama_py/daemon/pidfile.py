@@ -62,7 +62,7 @@ def claim(path: Path, pid: int) -> int | None:
         AlreadyRunningError: a live daemon (not `pid`) holds the file.
         OSError: the folder cannot be created or written.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)  # often the socket's folder
     temp = path.with_name(f".{path.name}.{pid}")
     temp.write_text(f"{pid}\n", encoding="ascii")
     replaced: int | None = None
