@@ -7,6 +7,7 @@ once for both.
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 from pathlib import Path
@@ -118,7 +119,8 @@ class SocketControl:
         with self._lock:
             sock = self._connect()
             try:
-                send_message(sock, request)
+                with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                    send_message(sock, request)  # a refused peer may be hung up on first
                 reply = recv_message(sock)
             except (OSError, ProtocolError) as exc:
                 self.close()
