@@ -142,6 +142,10 @@ class Control:
             for m in infos
         ]
         loaded = {m.name: m for m in models}
+        for settings in rt.config.models:
+            if settings.name not in loaded:  # configured, still loading (or not yet begun)
+                models.append(ModelSummary(settings.name, "loading", "loading", 0, 0, None,
+                                           "starting", 0))  # fmt: skip
         ready = all(
             name in loaded
             and loaded[name].status == "loaded"

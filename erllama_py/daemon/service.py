@@ -32,6 +32,12 @@ def _interrupt(signum: int, _frame: FrameType | None) -> None:
     raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
+def _stopping(signum: int) -> None:
+    log.info("%s: stopping gracefully", signal.Signals(signum).name)
+    # A second SIGTERM must not cut the shutdown saves short; SIGKILL is the last resort.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def run_daemon(config_path: Path | None, host: str | None = None, port: int | None = None) -> int:
     """Run the daemon in this process until SIGTERM; its exit status."""
     from erllama_py.server.serve import start_serving  # noqa: PLC0415 - the server's imports
@@ -58,9 +64,7 @@ def run_daemon(config_path: Path | None, host: str | None = None, port: int | No
         serving = start_serving(config, host=host, port=port, before_load=attach_control)
         print(f"erllama-py serving on {serving.url} (OpenAI API at {serving.url}/v1)", flush=True)
         try:
-            serving.wait_for_signal(
-                lambda sig: log.info("%s: stopping gracefully", signal.Signals(sig).name)
-            )
+            serving.wait_for_signal(_stopping)
         finally:
             serving.stop()
         log.info("stopped")
