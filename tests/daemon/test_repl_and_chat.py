@@ -5,6 +5,7 @@ after it; a chat's second turn is served partly from the cache. One daemon for t
 
 from __future__ import annotations
 
+import json
 import re
 import sys
 from collections.abc import Iterator
@@ -161,3 +162,33 @@ def test_embed_opens_the_same_repl_on_an_embedded_runtime(tmp_path: Path) -> Non
     finally:
         repl.close(force=True)
     assert repl.exitstatus == 0
+
+
+def test_the_client_commands_and_their_one_line_errors(config: Path) -> None:
+    assert cli("models", "--config", config).stdout.split() == ["tiny"]
+    done = cli("complete", "tiny", "the cat sat on the", "--max-tokens", "4", "--config", config)
+    assert done.returncode == 0, done.stderr
+    assert re.search(r"\[\d+ prompt tokens, \d+ cached tokens, \d+ generated\]", done.stderr)
+
+    tree = cli("tree", "--config", config)
+    assert tree.returncode == 0 and re.search(r"model:tiny/worker\s+running\s+pid", tree.stdout)
+    stats = cli("cache", "stats", "--config", config)
+    assert stats.returncode == 0 and "hits_exact" in json.loads(stats.stdout)
+    listed = cli("cache", "ls", "--tier", "ram", "--config", config)
+    assert listed.returncode == 0 and re.search(r"^\d+ rows$", listed.stdout, flags=re.M)
+    checked = cli("cache", "check", "--config", config)
+    assert checked.returncode == 0 and "the cache is sound" in checked.stdout
+    gc = cli("cache", "gc", "--config", config)
+    assert gc.returncode == 0 and re.match(r"evicted \d+ rows", gc.stdout)
+    assert json.loads(cli("cache", "ls", "--json", "--config", config).stdout) == []
+
+    missing = cli("complete", "nope", "hello", "--config", config)
+    assert missing.returncode == 1
+    assert missing.stderr.strip().splitlines() == [
+        "erllama-py: HTTP 404: model 'nope' is not loaded"
+    ]
+    nobody_home = cli("tree", "--socket", config.parent / "run" / "absent.sock")
+    assert nobody_home.returncode == 1
+    assert len(nobody_home.stderr.strip().splitlines()) == 1
+    assert "no daemon listens on" in nobody_home.stderr
+    assert "--url" in cli("chat", "--help").stdout
