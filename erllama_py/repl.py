@@ -29,6 +29,7 @@ from erllama_py.daemon.control_client import (
     LocalControl,
     SocketControl,
 )
+from erllama_py.daemon.control_ops import find_node
 from erllama_py.daemon.http_client import HttpClientError, post_json
 from erllama_py.daemon.messages import (
     ChildReply,
@@ -72,12 +73,14 @@ class Helpers:
         yes: bool = False,
         runtime: Runtime | None = None,
         ask: Callable[[str], str] = input,
+        api_key: str | None = None,
     ) -> None:
         self._channel = channel
         self._console = console
         self._yes = yes
         self._runtime = runtime
         self._ask = ask
+        self._api_key = api_key
         self._before_kill: dict[str, KillReply] = {}
 
     # ------------------------------------------------------------------ read
@@ -224,7 +227,7 @@ class Helpers:
             if url is None:
                 raise ControlError("NotServing", "the daemon has no HTTP address yet")
             body = {"model": m, "prompt": prompt, "max_tokens": max_tokens}
-            reply = post_json(f"{url}/v1/completions", body)
+            reply = post_json(f"{url}/v1/completions", body, self._api_key)
             text = str(reply["choices"][0]["text"])
             usage = reply["usage"]
             prompt_tokens = int(usage["prompt_tokens"])
@@ -235,8 +238,6 @@ class Helpers:
     # ------------------------------------------------------------------ help
 
     def _node(self, name: str) -> dict[str, Any]:
-        from erllama_py.daemon.control_ops import find_node  # noqa: PLC0415 - small, local
-
         found = find_node(self._channel.call(TreeRequest(), TreeReply).tree, name)
         if found is None:
             raise ControlError("ChildNotFound", f"no child named {name!r} in the tree")
@@ -320,7 +321,13 @@ def embed(rt: Runtime, *, yes: bool = False, url: str | None = None) -> None:
               history)  # fmt: skip
 
 
-def attach(socket_path: Path, *, yes: bool = False, history: Path | None = None) -> int:
+def attach(
+    socket_path: Path,
+    *,
+    yes: bool = False,
+    history: Path | None = None,
+    api_key: str | None = None,
+) -> int:
     """Open the REPL on the daemon listening at `socket_path`; the exit status.
 
     Raises:
@@ -329,7 +336,7 @@ def attach(socket_path: Path, *, yes: bool = False, history: Path | None = None)
     console = Console()
     with SocketControl(socket_path) as channel:
         status = channel.call(StatusRequest(), StatusReply)
-        helpers = Helpers(channel, console, yes=yes)
+        helpers = Helpers(channel, console, yes=yes, api_key=api_key)
         banner = (
             f"erllama-py REPL attached to pid {status.pid} ({status.url}); help() lists the helpers"
         )

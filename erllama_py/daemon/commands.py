@@ -258,9 +258,10 @@ def cmd_tree(args: argparse.Namespace) -> int:
 def cmd_repl(args: argparse.Namespace) -> int:
     from erllama_py.repl import attach  # noqa: PLC0415 - only the REPL needs it
 
-    path = _socket(args)
-    history = _config(args).daemon.log_file.parent / "repl_history"
-    return attach(path, yes=args.yes, history=history)
+    config = _config(args)
+    history = config.daemon.log_file.parent / "repl_history"
+    key = config.server.api_keys[0] if config.server.api_keys else None
+    return attach(_socket(args), yes=args.yes, history=history, api_key=key)
 
 
 # --------------------------------------------------------------------------- parser
