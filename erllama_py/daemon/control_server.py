@@ -188,7 +188,12 @@ class ControlServer(SupervisedActor):
                     if not isinstance(request, Request):
                         send_message(conn, ErrorReply("ProtocolError", "expected a request"))
                         return
-                    send_message(conn, self._control.handle(request))
+                    try:
+                        reply = self._control.handle(request)
+                    except Exception as exc:  # a bug: say so to the client, keep serving
+                        log.exception("control request %r failed", request)
+                        reply = ErrorReply("InternalError", f"{type(exc).__name__}: {exc}")
+                    send_message(conn, reply)
             except OSError:
                 return  # the client went away
 

@@ -14,7 +14,7 @@ from sup_helpers import (
     worker_spec,
 )
 
-from supervisors import ChildSpec, NoProcError, Supervisor, get_registry, kill
+from supervisors import ChildSpec, NoProcError, Supervisor, get_registry, kill, tree
 
 
 @pytest.fixture
@@ -41,6 +41,7 @@ def test_a_killed_child_is_restarted_with_one_more_restart(sup, child_id) -> Non
     registry = get_registry(sup)
     name = f"kill_sup/{child_id}"
     old = registry.lookup(name)
+    first_start = child(sup, child_id).started_at
     kill(old)
     wait_exit_processed(sup, child_id, old)
     new = wait_rebound(registry, name, old)
@@ -49,6 +50,10 @@ def test_a_killed_child_is_restarted_with_one_more_restart(sup, child_id) -> Non
     assert info.restarts == 1
     assert info.last_exit is not None
     assert "kill" in str(info.last_exit).lower() or "SIGKILL" in str(info.last_exit)
+    assert first_start is not None and info.started_at is not None
+    assert info.started_at >= first_start
+    node = next(n for n in tree(sup)["children"] if n["id"] == child_id)
+    assert node["started_at"] == info.started_at
 
 
 def test_killing_an_instance_that_has_ended_is_noproc(sup) -> None:
