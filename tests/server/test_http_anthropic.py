@@ -54,7 +54,7 @@ def serving(tmp_path_factory: pytest.TempPathFactory, tiny_model_path: Path) -> 
             "n_batch": 256,
             "n_seq_max": 2,
             "n_threads": 1,
-        }  # fmt: skip
+        }
     )
     s = start_serving(load_config(config))
     yield s
