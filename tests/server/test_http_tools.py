@@ -55,14 +55,21 @@ CLOCK = {
     },
 }
 ASK = [{"role": "user", "content": "what is the weather in paris"}]
+# A GGUF's template is untrusted data: this one tries to leave the sandbox, then loops.
+HOSTILE = (
+    "{% if messages[0].content == 'escape' %}{{ ().__class__.__base__.__subclasses__() }}"
+    "{% else %}{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}"
+    "{% endfor %}{% endif %}"
+)
 
 
 @pytest.fixture(scope="module")
 def serving(tmp_path_factory: pytest.TempPathFactory, tiny_model_path: Path) -> Iterator[Serving]:
     root = tmp_path_factory.mktemp("tools")
     qwen = write_test_model(root / "qwen.gguf", chat_template=QWEN.read_text(encoding="utf-8"))
+    hostile = write_test_model(root / "hostile.gguf", chat_template=HOSTILE)
     config = server_config(root, tiny_model_path)
-    for name, path in (("qwen", qwen), ("chatml", tiny_model_path)):
+    for name, path in (("qwen", qwen), ("chatml", tiny_model_path), ("hostile", hostile)):
         config["models"].append(
             {
                 "name": name,
@@ -239,3 +246,14 @@ def test_auto_switches_to_the_grammar_once_the_output_starts_a_call(serving):
     # but the last sampled token, which the first run never decoded).
     assert rest.usage.cached_tokens >= rest.usage.prompt_tokens - 1
     assert outcome.completion_tokens == first.usage.completion_tokens + rest.usage.completion_tokens
+
+
+@pytest.mark.parametrize("attack", ["escape", "loop"])
+def test_a_hostile_gguf_template_is_a_400_and_the_model_serves_on(client, attack):
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(
+            model="hostile", messages=[{"role": "user", "content": attack}], max_tokens=2
+        )
+    assert "template" in info.value.body["message"]
+    text = client.completions.create(model="hostile", prompt="the cat", max_tokens=2)
+    assert text.usage.completion_tokens == 2
