@@ -143,7 +143,9 @@ def _flatten(messages: Sequence[wire.ChatMessageIn]) -> list[ChatMessage]:
                     raise _bad(f"{param}: {part.type} content is not supported (text only)", param)
                 texts.append(part.text)
             content = "".join(texts)
-        message: ChatMessage = {"role": m.role, "content": content or ""}
+        # OpenAI's newer name for the system role, which chat templates do not know.
+        role = "system" if m.role == "developer" else m.role
+        message: ChatMessage = {"role": role, "content": content or ""}
         if m.tool_calls:
             message["tool_calls"] = [
                 {"id": c.id, "type": "function",

@@ -80,6 +80,10 @@ def tool_job(
     ]
     choice = _choice(body)
     choice.offered(tools)  # a named tool that is not listed is a 400 now
+    stops = options.get("stop") or []
+    if choice.kind == "auto" and len(stops) >= wire.MAX_STOPS:
+        message = f"with tools, stop takes at most {wire.MAX_STOPS - 1} sequences"
+        raise ApiError(Failure(400, "invalid_request_error", message, "invalid_value", "stop"))
     return ChatJob(ctx.model(body.model), messages, tools, choice, options, "call_")
 
 

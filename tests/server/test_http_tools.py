@@ -257,3 +257,20 @@ def test_a_hostile_gguf_template_is_a_400_and_the_model_serves_on(client, attack
     assert "template" in info.value.body["message"]
     text = client.completions.create(model="hostile", prompt="the cat", max_tokens=2)
     assert text.usage.completion_tokens == 2
+
+
+def test_developer_messages_are_system_and_text_parts_are_flattened(client):
+    system = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi there"}]
+    parts = [
+        {
+            "role": "developer",
+            "content": [{"type": "text", "text": "be "}, {"type": "text", "text": "brief"}],
+        },
+        {"role": "user", "content": "hi there"},
+    ]
+    a = client.chat.completions.create(model="qwen", messages=system, max_tokens=1)
+    b = client.chat.completions.create(model="qwen", messages=parts, max_tokens=1)
+    assert a.usage.prompt_tokens == b.usage.prompt_tokens
+    image = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]
+    with pytest.raises(openai.BadRequestError, match="not supported"):
+        client.chat.completions.create(model="qwen", messages=image, max_tokens=1)
