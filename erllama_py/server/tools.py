@@ -101,11 +101,37 @@ def mint_id(prefix: str) -> str:
     return f"{prefix}{secrets.token_hex(12)}"
 
 
-def _schema(tool: ToolDef) -> dict[str, object]:
-    parameters = tool.parameters or {"type": "object"}
+def _rewrite_refs(node: object, prefix: str) -> object:
+    """``node`` with its local ``$ref``s pointing at the definitions lifted under ``prefix``."""
+    if isinstance(node, dict):
+        out = {k: _rewrite_refs(v, prefix) for k, v in node.items()}
+        ref = node.get("$ref")
+        if isinstance(ref, str):
+            for local in ("#/$defs/", "#/definitions/"):
+                if ref.startswith(local):
+                    out["$ref"] = f"#/$defs/{prefix}{ref[len(local) :]}"
+        return out
+    if isinstance(node, list):
+        return [_rewrite_refs(v, prefix) for v in node]
+    return node
+
+
+def _schema(tool: ToolDef, index: int, defs: dict[str, object]) -> dict[str, object]:
+    """The call's schema; the parameters' own definitions move to the root (into ``defs``,
+    renamed per tool) so that their ``$ref``s still resolve once the schema is nested."""
+    parameters = dict(tool.parameters or {"type": "object"})
+    prefix = f"t{index}-"
+    for key in ("$defs", "definitions"):
+        lifted = parameters.pop(key, None)
+        if isinstance(lifted, dict):
+            for name, definition in lifted.items():
+                defs[prefix + name] = _rewrite_refs(definition, prefix)
     return {
         "type": "object",
-        "properties": {"name": {"const": tool.name}, "arguments": parameters},
+        "properties": {
+            "name": {"const": tool.name},
+            "arguments": _rewrite_refs(parameters, prefix),
+        },
         "required": ["name", "arguments"],
     }
 
@@ -114,8 +140,11 @@ def _call_rules(tools: list[ToolDef]) -> str:
     """GBNF whose ``tool-call-json`` rule is one call of one of ``tools``."""
     if not tools:
         raise InvalidRequestError("tool_choice needs at least one tool", param="tools")
-    schemas = [_schema(t) for t in tools]
-    schema = schemas[0] if len(schemas) == 1 else {"oneOf": schemas}
+    defs: dict[str, object] = {}
+    schemas = [_schema(t, i, defs) for i, t in enumerate(tools)]
+    schema: dict[str, object] = schemas[0] if len(schemas) == 1 else {"oneOf": schemas}
+    if defs:
+        schema = {**schema, "$defs": defs}
     try:
         rules = json_schema_to_gbnf(json.dumps(schema))
     except Exception as exc:  # whatever the converter raises, the schema is the client's

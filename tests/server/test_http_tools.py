@@ -274,3 +274,24 @@ def test_developer_messages_are_system_and_text_parts_are_flattened(client):
     image = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]
     with pytest.raises(openai.BadRequestError, match="not supported"):
         client.chat.completions.create(model="qwen", messages=image, max_tokens=1)
+
+
+def test_a_schema_with_local_definitions_constrains_the_call(client):
+    unit = {
+        "type": "function",
+        "function": {
+            "name": "convert",
+            "parameters": {
+                "type": "object",
+                "$defs": {"Unit": {"type": "string", "enum": ["km", "mi"]}},
+                "properties": {"to": {"$ref": "#/$defs/Unit"}},
+                "required": ["to"],
+            },
+        },
+    }
+    reply = client.chat.completions.create(
+        model="qwen", messages=ASK, tools=[unit, WEATHER], max_tokens=100, temperature=0,
+        tool_choice={"type": "function", "function": {"name": "convert"}},
+    )  # fmt: skip
+    [call] = reply.choices[0].message.tool_calls
+    assert json.loads(call.function.arguments) in ({"to": "km"}, {"to": "mi"})
