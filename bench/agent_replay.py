@@ -22,7 +22,9 @@ Both get the same conversation: gemma-3-270m ships no chat template, so our
 server renders tools, calls and results through the generic tool prompt of
 `erllama_py.model.jinja_chat`; the bench sends that rendering as plain messages
 to both (the peer's gemma format has no tool support), so the prompts are the
-same, token for token up to the formats' joins, and both generate text.
+same, token for token up to the formats' joins (the peer's gemma format drops
+system messages, so the bench folds the system prompt into the first user
+turn, as llama.cpp's gemma template does for ours), and both generate text.
 ``--tools auto`` instead sends ours the OpenAI ``tools`` (``tool_choice:
 "auto"``), earlier calls as ``tool_calls`` and results as ``role: "tool"``
 messages; the model may then start a call, which is generated under the
@@ -140,6 +142,16 @@ def conversation(system: str, task: str, seed: int, turns: int) -> list[list[dic
         ]
         out.append(list(messages))
     return out
+
+
+def for_peer(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The peer's gemma chat format drops system messages (gemma has no system role):
+    fold them into the first user turn, as llama.cpp's gemma template does for ours."""
+    system = "\n\n".join(m["content"] for m in messages if m["role"] == "system")
+    rest = [dict(m) for m in messages if m["role"] != "system"]
+    if system and rest and rest[0]["role"] == "user":
+        rest[0]["content"] = f"{system}\n\n{rest[0]['content']}"
+    return rest
 
 
 # ---------------------------------------------------------------- the servers
@@ -278,7 +290,7 @@ def replay(
             if args.tools == "auto":
                 our_body.update(messages=messages, tools=tools, tool_choice="auto")
             mine = streamed_turn(client, our_url, our_body)
-            theirs = streamed_turn(client, peer_url, {**base, "messages": plain})
+            theirs = streamed_turn(client, peer_url, {**base, "messages": for_peer(plain)})
             usage = mine["usage"] or {}
             prompt = int(usage.get("prompt_tokens", 0))
             cached = int((usage.get("prompt_tokens_details") or {}).get("cached_tokens", 0))
