@@ -9,8 +9,9 @@ template with their ``arguments`` parsed into a mapping (what HF templates
 index and ``tojson``).
 
 A template is data from a model file, so it is not trusted: the sandbox
-refuses attribute access outside it (``().__class__``...); ``range`` draws on a
-budget of iterations for the whole render, string and list repetition and
+refuses attribute access outside it (``().__class__``...); ``range`` and every
+loop over the messages and tools draw on a budget of iterations for the whole
+render, string and list repetition and
 ``%``/``format`` widths are capped, and the output is bounded in size and in
 time as it is produced. A template that breaks any of this, fails to parse,
 or calls ``raise_exception`` is an `InvalidRequestError` (a 400), never a crash.
@@ -83,6 +84,33 @@ class _Budget:
 
 class _Refused(Exception):
     """A template went over a bound."""
+
+
+class _Counted(list[Any]):
+    """A list whose iteration draws on the render's budget, as ``range`` does (so nested
+    loops over the messages cannot run away either); its slices are counted too."""
+
+    def __init__(self, items: Sequence[Any], budget: _Budget) -> None:
+        super().__init__(items)
+        self._budget = budget  # private: the sandbox refuses names starting with "_"
+
+    def __iter__(self) -> Iterator[Any]:
+        for item in super().__iter__():
+            self._budget.spend()
+            yield item
+
+    def __getitem__(self, key: Any) -> Any:
+        got = super().__getitem__(key)
+        return _Counted(got, self._budget) if isinstance(key, slice) else got
+
+
+def _counted(value: Any, budget: _Budget) -> Any:
+    """``value`` with every list in it (at any depth) a `_Counted`."""
+    if isinstance(value, Mapping):
+        return {k: _counted(v, budget) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return _Counted([_counted(v, budget) for v in value], budget)
+    return value
 
 
 class _Env(ImmutableSandboxedEnvironment):
@@ -213,14 +241,14 @@ def render_jinja(
     try:
         compiled = _compiled(template)
         variables: dict[str, Any] = {
-            "messages": _template_messages(messages),
+            "messages": _counted(_template_messages(messages), budget),
             "add_generation_prompt": add_generation_prompt,
             "bos_token": bos_token,
             "eos_token": eos_token,
             "range": bounded_range,
         }
         if tools:
-            variables["tools"] = [dict(t) for t in tools]
+            variables["tools"] = _counted([dict(t) for t in tools], budget)
         parts: list[str] = []
         size = 0
         for chunk in compiled.generate(**variables):

@@ -141,6 +141,10 @@ HOSTILE = {
     "mutation": "{{ messages.append(1) }}",
     "nested-ranges": "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}"
     "{% endfor %}",
+    "nested-message-loops": "{% for a in messages %}{% for b in messages[:] %}{% for c in messages"
+    " %}{% for d in messages %}{% for e in messages %}{% for f in messages %}{% for g in "
+    "messages|reverse %}{% endfor %}{% endfor %}{% endfor %}{% endfor %}{% endfor %}"
+    "{% endfor %}{% endfor %}",
     "huge-string": "{{ 'x' * 1000000000 }}",
     "huge-output": "{% for i in range(99999) %}{{ 'y' * 1000 }}{% endfor %}",
     "huge-power": "{{ 9 ** 99999999 }}",
@@ -155,8 +159,9 @@ HOSTILE = {
 
 @pytest.mark.parametrize("source", HOSTILE.values(), ids=HOSTILE.keys())
 def test_a_hostile_or_broken_template_is_refused_and_the_backend_stays_usable(tiny, source):
+    many = [m for _ in range(10) for m in HELLO]  # 20 messages: 20**7 iterations nested
     with pytest.raises(InvalidRequestError) as info:
-        tiny.apply_chat_template(HELLO, True, source)
+        tiny.apply_chat_template(many, True, source)
     assert info.value.param == "messages" and "template" in str(info.value)
     assert tiny.apply_chat_template(HELLO).endswith("<|im_start|>assistant\n")
 
