@@ -304,7 +304,7 @@ async def chat_completions(
     if job is not None:
         return await openai_tools.respond_with_tools(
             job, ctx=ctx, body=body, info=info, completion_id=completion_id, created=created,
-            fingerprint=_fingerprint(info),
+            fingerprint=_fingerprint(info), guard=lambda work: _unless_disconnected(request, work),
         )  # fmt: skip
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)

@@ -9,7 +9,7 @@ call's JSON is complete: the grammar guarantees it parses).
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 from fastapi.responses import JSONResponse, Response
 from sse_starlette import EventSourceResponse
@@ -108,15 +108,17 @@ def _usage(outcome: ChatOutcome) -> wire.Usage:
 async def respond_with_tools(
     job: ChatJob, *, ctx: ServerContext, body: wire.ChatCompletionRequest, info: ModelInfo,
     completion_id: str, created: int, fingerprint: str,
+    guard: Callable[[Awaitable[ChatOutcome]], Awaitable[ChatOutcome]],
 ) -> Response:  # fmt: skip
-    """The response to a chat request with tools (streamed if asked)."""
+    """The response to a chat request with tools (streamed if asked); ``guard`` runs the
+    whole turn (it cancels it if the client goes away)."""
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return await _stream(
             job, ctx, body=body, completion_id=completion_id, created=created,
             fingerprint=fingerprint, include_usage=include_usage,
         )  # fmt: skip
-    outcome = await complete_chat(job)
+    outcome = await guard(complete_chat(job))
     for result in outcome.results:
         ctx.metrics.observe_completion(body.model, result)
     message = wire.AssistantMessage(
