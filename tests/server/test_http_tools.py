@@ -295,3 +295,12 @@ def test_a_schema_with_local_definitions_constrains_the_call(client):
     )  # fmt: skip
     [call] = reply.choices[0].message.tool_calls
     assert json.loads(call.function.arguments) in ({"to": "km"}, {"to": "mi"})
+
+
+def test_tools_reach_the_model_through_the_public_api_too(serving):
+    rt = serving.runtime
+    plain = rt.model("chatml").chat_tokens(ASK)
+    with_tools = rt.model("chatml").chat_tokens(ASK, tools=[WEATHER])
+    assert len(with_tools) > len(plain) + 20  # the generic tool prompt: a system message
+    result = rt.chat("chatml", ASK, tools=[WEATHER], max_tokens=1)
+    assert result.usage.prompt_tokens == len(with_tools)
