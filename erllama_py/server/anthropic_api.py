@@ -192,7 +192,11 @@ def _headers(version: str | None) -> dict[str, str]:
 Version = Annotated[str | None, Header(alias="anthropic-version")]
 
 
-@router.post("/messages", response_model=wire.MessageOut, responses=_ERRORS)
+@router.post(
+    "/messages",
+    response_model=wire.MessageOut,
+    responses={200: {"content": {"text/event-stream": {}}}, **_ERRORS},
+)
 async def messages(
     body: wire.MessagesRequest, request: Request, ctx: Context, version: Version = None
 ) -> Response:
