@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from collections.abc import AsyncIterator, Awaitable, Sequence
 from typing import Annotated
 
@@ -185,8 +186,14 @@ def _tool_use(call: ParsedCall) -> wire.ToolUseOut:
     return wire.ToolUseOut(id=call.id, name=call.name, input=call.input())
 
 
+_VERSION = re.compile(r"[0-9A-Za-z._-]{1,64}")
+
+
 def _headers(version: str | None) -> dict[str, str]:
-    return {"anthropic-version": version or DEFAULT_VERSION}
+    """The version echoed (any dated version is accepted; one that is no version at all is
+    not written back into a header)."""
+    echoed = version if version and _VERSION.fullmatch(version) else DEFAULT_VERSION
+    return {"anthropic-version": echoed}
 
 
 Version = Annotated[str | None, Header(alias="anthropic-version")]
