@@ -72,6 +72,7 @@ from bench.common import (
 from erllama_py.model.jinja_chat import generic_tool_messages
 
 NAME = "agent_replay"
+NAN = float("nan")
 POLICY = {  # the default policy of sys.yaml
     "min_tokens": 64,
     "cold_min_tokens": 64,
@@ -290,10 +291,16 @@ def replay(
             if args.tools == "auto":
                 our_body.update(messages=messages, tools=tools, tool_choice="auto")
             mine = streamed_turn(client, our_url, our_body)
-            theirs = streamed_turn(client, peer_url, {**base, "messages": for_peer(plain)})
             usage = mine["usage"] or {}
             prompt = int(usage.get("prompt_tokens", 0))
             cached = int((usage.get("prompt_tokens_details") or {}).get("cached_tokens", 0))
+            try:
+                theirs = streamed_turn(client, peer_url, {**base, "messages": for_peer(plain)})
+            except httpx.HTTPError as exc:  # the peer died: say so, keep our figures
+                log = (work / "peer.log").read_text(errors="replace")[-2000:]
+                print(f"turn {turn}: the peer failed ({exc}); its log ends:\n{log}", flush=True)
+                rows.append((turn, prompt, cached, mine, {"ttft": NAN, "wall": NAN}))
+                break
             rows.append((turn, prompt, cached, mine, theirs))
             ttfts = f"ours {mine['ttft']:.0f} ms, peer {theirs['ttft']:.0f} ms"
             print(f"turn {turn}: {prompt} prompt tokens, {cached} cached; {ttfts}", flush=True)
@@ -320,7 +327,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="erllama-bench-agent-") as tmp:
         rows = replay(args, tools, turns, Path(tmp))
     later = [r for r in rows if r[0] >= 2]
-    ratios = [r[3]["ttft"] / r[4]["ttft"] for r in later]
+    both = [r for r in later if r[4]["ttft"] == r[4]["ttft"]]  # the peer answered (not NaN)
+    ratios = [r[3]["ttft"] / r[4]["ttft"] for r in both] or [NAN]
     share = sum(r[2] for r in later) / max(1, sum(r[1] for r in later))
     body = [
         head,
