@@ -26,8 +26,9 @@ goes first from one measurement to the next. Every prompt is the same on every
 server; each measurement uses prompts of its own, so no server is helped by an
 earlier one.
 
-1. ``multi_turn``: several conversations share a long context in their first
-   message and each resend their whole history every turn (streamed chat, greedy,
+1. ``multi_turn``: several conversations, each with a document of its own in its
+   first message (``--shared-context``: one for all), resend their whole history
+   every turn (streamed chat, greedy,
    a few new tokens per turn), replayed by 1 client (interleaved: turn 1 of every
    conversation, then turn 2, ...) and by 4 concurrent clients (one conversation
    each), one turn (of every conversation) on each server in turn. Reported: time
@@ -326,13 +327,16 @@ def question(conversation: int, turn: int, context: str) -> str:
 
 async def replay(
     all_servers: Sequence[Server], *, clients: int, conversations: int, turns: int,
-    words: int, max_tokens: int, tag: str,
+    words: int, max_tokens: int, tag: str, shared_context: bool,
 ) -> dict[str, TurnLog]:  # fmt: skip
     """`conversations` conversations of `turns` turns on every server, split among `clients`
     concurrent clients (each interleaves its conversations). Turn by turn: one turn of every
     conversation on one server, then on the next (the order rotating), so that the shared
     machine's load falls on all servers alike."""
-    context = text(f"http-context-{tag}", words)
+    if shared_context:
+        contexts = [text(f"http-context-{tag}", words)] * conversations
+    else:
+        contexts = [text(f"http-context-{tag}-{c}", words) for c in range(conversations)]
     logs = {s.label: TurnLog() for s in all_servers}
     histories = {s.label: {c: [] for c in range(conversations)} for s in all_servers}
     groups = [[c for c in range(conversations) if c % clients == k] for k in range(clients)]
@@ -343,7 +347,7 @@ async def replay(
         log = logs[server.label]
         for c in mine:
             messages: list[dict[str, str]] = histories[server.label][c]
-            messages.append({"role": "user", "content": question(c, turn, context)})
+            messages.append({"role": "user", "content": question(c, turn, contexts[c])})
             run = await stream(
                 client, server, "/v1/chat/completions",
                 {"messages": messages, "max_tokens": max_tokens},
@@ -373,6 +377,7 @@ def multi_turn_part(all_servers: list[Server], args: argparse.Namespace) -> str:
             replay(
                 all_servers, clients=clients, conversations=conversations, turns=args.turns,
                 words=args.words, max_tokens=args.turn_tokens, tag=f"{clients}",
+                shared_context=args.shared_context,
             )
         )  # fmt: skip
         ours = logs[all_servers[0].label]
@@ -404,9 +409,11 @@ def multi_turn_part(all_servers: list[Server], args: argparse.Namespace) -> str:
         "## 1. Multi-turn chat replay (streamed, full history resent every turn)",
         "",
         f"{args.conversations} conversations (at least one per client) of {args.turns} turns; "
-        f"a ~{args.words}-word shared context in the first message, a short question per "
-        f"turn, {args.turn_tokens} new tokens per turn, greedy. Times in ms from sending the "
-        "request to the first content chunk. *from cache*: ours, median of "
+        f"a ~{args.words}-word document in the first message "
+        + ("shared by every conversation" if args.shared_context else "of each conversation")
+        + f", a short question per turn, {args.turn_tokens} new tokens per turn, greedy. "
+        "Times in ms from sending the request to the first content chunk. *from cache*: "
+        "ours, median of "
         "`cached_tokens / prompt_tokens` on turns 2+.",
         "",
         table(
@@ -627,7 +634,12 @@ def main() -> None:
     parser.add_argument("--peers", default="cache,nocache", help="llama_cpp.server cache on/off")
     parser.add_argument("--conversations", type=int, default=4)
     parser.add_argument("--turns", type=int, default=6)
-    parser.add_argument("--words", type=int, default=700, help="shared context, words")
+    parser.add_argument("--words", type=int, default=700, help="each conversation's document")
+    parser.add_argument(
+        "--shared-context",
+        action="store_true",
+        help="one document for every conversation (the peer then reuses its live context)",
+    )
     parser.add_argument("--turn-tokens", type=int, default=16)
     parser.add_argument("--clients", type=ints, default=[1, 4])
     parser.add_argument("--streams", type=ints, default=[1, 2, 4, 8])
