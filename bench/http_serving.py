@@ -669,12 +669,13 @@ def main() -> None:
             f"peer run with --interrupt_requests false. Load average now "
             f"{os.getloadavg()[0]:.2f}."
         )  # fmt: skip
-        if "overhead" in parts:
-            sections.append(overhead_part(up[0], args))
-        if "multi_turn" in parts:
-            sections.append(multi_turn_part(up, args))
-        if "streams" in parts:
-            sections.append(streams_part(up, args))
+        runs = {"overhead": lambda: overhead_part(up[0], args),
+                "multi_turn": lambda: multi_turn_part(up, args),
+                "streams": lambda: streams_part(up, args)}  # fmt: skip
+        for part in ("overhead", "multi_turn", "streams"):
+            if part in parts:
+                sections.append(runs[part]())
+                print(sections[-1] + "\n", flush=True)  # a long run's parts survive its end
     write_result(NAME, "\n\n".join(sections), args.output, dirty_ok=args.dirty)
 
 
