@@ -1,7 +1,11 @@
 """The ASGI layers around the routes, outermost first.
 
 - `RequestContext`: a request id (``x-request-id``, minted when absent) on every
-  response and in the access log, and the per-request metrics.
+  response and in the access log, the per-request metrics, and a ``server-timing``
+  header: ``app`` is the time from the request's arrival to its response's start
+  (for a JSON answer, all of it but the body's send), ``lib`` the time a route spent
+  in the runtime's API when it set ``request.state.library_ms``; their difference is
+  what the HTTP layer costs (bench/http_serving.py reads it).
 - `ApiKeys`: when keys are configured, every path but ``/health*`` needs
   ``Authorization: Bearer <key>`` (or ``x-api-key``), compared in constant time.
 - `BodyLimit`: a body over the cap is a 413, whether it announces its length or comes
@@ -93,6 +97,7 @@ class RequestContext:
                 headers.append((b"x-request-id", raw_id))
                 if anthropic:  # what Anthropic's SDKs read
                     headers.append((b"request-id", raw_id))
+                headers.append((b"server-timing", _server_timing(scope, started)))
                 message["headers"] = headers
             await send(message)
 
@@ -112,6 +117,14 @@ class RequestContext:
                 elapsed * 1000.0,
                 request_id,
             )
+
+
+def _server_timing(scope: Scope, started: float) -> bytes:
+    timing = b"app;dur=%.3f" % ((time.perf_counter() - started) * 1000.0)
+    library_ms = scope.get("state", {}).get("library_ms")
+    if isinstance(library_ms, float):
+        timing += b", lib;dur=%.3f" % library_ms
+    return timing
 
 
 def _endpoint(scope: Scope) -> str:

@@ -187,6 +187,15 @@ async def _unless_disconnected(request: Request, work: Awaitable[T]) -> T:
     return task.result()
 
 
+async def _timed(request: Request, work: Awaitable[T]) -> T:
+    """Await `work`, noting how long it took as the ``lib`` part of ``server-timing``."""
+    started = time.perf_counter()
+    try:
+        return await work
+    finally:
+        request.state.library_ms = (time.perf_counter() - started) * 1000.0
+
+
 # ---------------------------------------------------------------------- choices
 
 
@@ -312,7 +321,9 @@ async def chat_completions(
             ctx=ctx, m=m, info=info, prompt=prompt, body=body, options=options,
             completion_id=completion_id, created=created, include_usage=include_usage,
         )  # fmt: skip
-    results, cached = await _unless_disconnected(request, _run_choices(m, prompt, body.n, options))
+    results, cached = await _unless_disconnected(
+        request, _timed(request, _run_choices(m, prompt, body.n, options))
+    )
     for result in results:
         ctx.metrics.observe_completion(body.model, result)
     reply = wire.ChatCompletion(
@@ -533,7 +544,7 @@ async def completions(body: wire.CompletionRequest, request: Request, ctx: Conte
         done = await asyncio.gather(*runs)
         return [(p, results, cached) for p, (results, cached) in zip(prompts, done, strict=True)]
 
-    outcome = await _unless_disconnected(request, run_all())
+    outcome = await _unless_disconnected(request, _timed(request, run_all()))
     choices: list[wire.CompletionChoice] = []
     all_results: list[Completion] = []
     prompt_tokens = completion_tokens = cached_tokens = 0
