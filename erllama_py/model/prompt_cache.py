@@ -6,9 +6,10 @@ sharing the longest common prefix (the cache's token trie); then cold. A
 restored row longer than the usable prefix is cut back to it (still
 token-exact), when the model's KV layout allows it.
 
-Payloads never pass through Python bytes: a RAM row's shared buffer is handed
-to the worker by descriptor, a file row is read straight into a fresh shared
-buffer, which is then promoted to RAM by reference.
+Payloads never pass through Python bytes: a RAM row is a slot of the runtime's
+arena, which the worker reads from its own mapping; a file row is read
+straight into a fresh arena slot, which is then promoted to RAM by reference
+(or, without promotion, into a pooled shared buffer handed over by descriptor).
 
 In deterministic mode only rows computed by prefill (reason ``cold``) are
 restored, prefix hits are cut to a multiple of ``n_batch``, and the cold path
@@ -29,6 +30,7 @@ from erllama_py.cache.publish import SaveResult
 from erllama_py.cache.rows import Claim, RowInfo
 from erllama_py.errors import CacheError, CacheFormatError, InvalidRequestError, ReservationError
 from erllama_py.kinds import HitKind, SaveReason, TierKind
+from erllama_py.model.arena import ArenaSlice
 from erllama_py.model.client import WorkerClient
 from erllama_py.model.request import RequestState
 from erllama_py.model.state import ModelState
@@ -191,7 +193,7 @@ class PromptCache:
         claim = self.cache.claim(key)
         if claim is None:
             return False
-        owned: StateBuffer | None = None
+        owned: StateBuffer | ArenaSlice | None = None
         try:
             if claim.n_tokens != n_tokens or (
                 must_equal is not None and claim.tokens != must_equal
@@ -220,7 +222,9 @@ class PromptCache:
             if owned is not None:
                 self._give_back(owned)
 
-    def _payload(self, claim: Claim) -> tuple[StateBuffer | None, StateBuffer | None, int]:
+    def _payload(
+        self, claim: Claim
+    ) -> tuple[StateBuffer | ArenaSlice | None, StateBuffer | ArenaSlice | None, int]:
         """The shared buffer to hand to the worker, the one we own (to give back, close
         or promote), and the payload's size."""
         if claim.kind is TierKind.RAM:
@@ -228,19 +232,21 @@ class PromptCache:
             if view is None:
                 return None, None, 0
             stored = self.cache.ram_payload(claim)
-            if isinstance(stored, StateBuffer) and not stored.closed:
+            if isinstance(stored, ArenaSlice | StateBuffer) and not stored.closed:
                 return stored, None, view.nbytes
             # A row saved through the cache API (bytes, not a shared buffer): one copy.
-            copy = StateBuffer.create(view.nbytes)
-            copy.view()[: view.nbytes] = view
+            copy = self.shared.arena.allocate(view.nbytes)
+            copy.view()[:] = view
             self.cache.count_load(0, copied=view.nbytes)
             return copy, copy, view.nbytes
         promote = self.cache.promotes_on_hit
-        holder: list[StateBuffer] = []
+        holder: list[StateBuffer | ArenaSlice] = []
 
         def allocate(size: int) -> memoryview:
             # A promoted buffer becomes the RAM row: it must be exactly the payload's size.
-            buffer = StateBuffer.create(size) if promote else self.shared.buffers.acquire(size)
+            buffer = (
+                self.shared.arena.allocate(size) if promote else self.shared.buffers.acquire(size)
+            )
             holder.append(buffer)
             return buffer.view()[:size]
 
@@ -256,10 +262,9 @@ class PromptCache:
         del loaded
         return holder[0], holder[0], size
 
-    def _give_back(self, buffer: StateBuffer) -> None:
-        if self.cache.promotes_on_hit:
-            with contextlib.suppress(BufferError):
-                buffer.close()
+    def _give_back(self, buffer: StateBuffer | ArenaSlice) -> None:
+        if isinstance(buffer, ArenaSlice):
+            buffer.close()
         else:
             self.shared.buffers.release(buffer)
 
@@ -287,7 +292,7 @@ class PromptCache:
             # Saves a later request may resume from mid-generation (cold, continued) make
             # the live run continue from the saved state, so that resumes are exact.
             canonical = canonical or reason in (SaveReason.COLD, SaveReason.CONTINUED)
-            buffer = self.client.pack(r.seq, canonical=canonical)
+            buffer = self.client.pack(r.seq, self.shared.arena, canonical=canonical)
         except InvalidRequestError as exc:  # no logits yet (a restore was just cut back)
             log.debug("%s save skipped: %s", reason, exc)
             return None
@@ -323,7 +328,7 @@ class PromptCache:
         """
         assert r.seq is not None
         if r.has_logits and 0 < self.shared.info.n_swa < len(r.context):
-            self.client.pack(r.seq, canonical=True).close()
+            self.client.pack(r.seq, self.shared.arena, canonical=True).close()
 
     def _duplicate(self, r: RequestState, key: bytes) -> bytes:
         self.cache.count("duplicate_dropped")
