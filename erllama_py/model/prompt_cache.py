@@ -28,7 +28,15 @@ from erllama_py.cache.key import encode_tokens
 from erllama_py.cache.policy import cold_save_split
 from erllama_py.cache.publish import SaveResult
 from erllama_py.cache.rows import Claim, RowInfo
-from erllama_py.errors import CacheError, CacheFormatError, InvalidRequestError, ReservationError
+from erllama_py.cache.save_failures import note_save_failure
+from erllama_py.errors import (
+    CacheError,
+    CacheFormatError,
+    InvalidRequestError,
+    ModelError,
+    ReservationError,
+    WorkerCrashedError,
+)
 from erllama_py.kinds import HitKind, SaveReason, TierKind
 from erllama_py.model.arena import ArenaSlice
 from erllama_py.model.client import WorkerClient
@@ -296,6 +304,12 @@ class PromptCache:
         except InvalidRequestError as exc:  # no logits yet (a restore was just cut back)
             log.debug("%s save skipped: %s", reason, exc)
             return None
+        except WorkerCrashedError:
+            raise  # the worker is gone: the model's crash handling takes over
+        except (OSError, ModelError) as exc:
+            # No memory or descriptor for the state, here or in the worker: drop the save.
+            self._save_failed(exc, reason)
+            return None
         self.cache.count("pack_total_ns", time.perf_counter_ns() - started)
         try:
             ticket = self.cache.save_async(
@@ -312,11 +326,23 @@ class PromptCache:
                 buffer.close()
             if isinstance(exc, ReservationError) and exc.reason in ("already_present", "conflict"):
                 return self._duplicate(r, key)  # another save of these tokens won the race
+            if isinstance(exc.__cause__, OSError):
+                return None  # counted and logged where it failed (publish.run_save)
             log.info("%s save of %s dropped: %s", reason, self.shared.name, exc)
+            return None
+        except OSError as exc:
+            with contextlib.suppress(BufferError):
+                buffer.close()
+            self._save_failed(exc, reason)
             return None
         ticket.future.add_done_callback(_log_failure)
         r.last_save_at = len(r.context)
         return ticket.key
+
+    def _save_failed(self, exc: BaseException, reason: SaveReason) -> None:
+        note_save_failure(
+            self.shared.cache.shared.counters, exc, f"a {reason} save of {self.shared.name}"
+        )
 
     def canonicalize(self, r: RequestState) -> None:
         """Make `r`'s sequence continue from its own packed state, without saving it.
@@ -338,5 +364,5 @@ class PromptCache:
 
 def _log_failure(future: Future[SaveResult]) -> None:
     exc = future.exception()
-    if exc is not None:
-        log.info("cache save failed: %s", exc)
+    if exc is not None:  # counted (by cause) and logged once where it failed
+        log.debug("cache save failed: %s", exc)
