@@ -125,7 +125,7 @@ def reference(root: Path, kind: str, model_path: Path, seed: int) -> list[dict[s
 
 
 def child(
-    root: Path, kind: str, model_path: Path, prompts_file: Path, seed: int, final: bool
+    root: Path, kind: str, model_path: Path, prompts_file: Path, seed: int, *, final: bool
 ) -> int:
     import erllama_py  # noqa: PLC0415
 
@@ -320,7 +320,9 @@ def main() -> int:
     parser.add_argument("--prompts", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        return child(args.root, args.model, args.model_path, args.prompts, args.seed, args.final)
+        return child(
+            args.root, args.model, args.model_path, args.prompts, args.seed, final=args.final
+        )
 
     root = args.root or Path(tempfile.mkdtemp(prefix="erllama-soak-"))
     root.mkdir(parents=True, exist_ok=True)
@@ -337,7 +339,7 @@ def main() -> int:
     rng = random.Random(args.seed)
     tally = Tally()
     with (root / "children.log").open("a") as log:
-        for i in range(args.iterations):
+        for _ in range(args.iterations):
             during_start = rng.random() < 0.1
             kill_after = rng.uniform(0.0, (3.0 if during_start else args.max_kill_ms / 1000.0))
             run_child(
@@ -367,7 +369,8 @@ def main() -> int:
         )
     seconds = time.monotonic() - started
     print(
-        f"crash soak: {args.model} model, {tally.iterations} iterations in {seconds:.0f} s, root {root}"
+        f"crash soak: {args.model} model, {tally.iterations} iterations in {seconds:.0f} s, "
+        f"root {root}"
     )
     for name, value in vars(tally).items():
         print(f"  {name}: {value}")

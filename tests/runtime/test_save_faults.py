@@ -67,9 +67,14 @@ def _check(
 
 @pytest.mark.parametrize(
     ("code", "cause"),
-    [(errno.EMFILE, "no_descriptors"), (errno.ENFILE, "no_descriptors"), (errno.ENOMEM, "no_memory")],
+    [
+        (errno.EMFILE, "no_descriptors"),
+        (errno.ENFILE, "no_descriptors"),
+        (errno.ENOMEM, "no_memory"),
+    ],
 )
 def test_no_descriptor_or_memory_for_the_packed_state_drops_the_save(
+    *,
     save_rt: Runtime,
     load: Any,
     monkeypatch: pytest.MonkeyPatch,
@@ -114,6 +119,7 @@ def _tiny_arena(init: Callable[..., None]) -> Callable[..., None]:
 )
 @pytest.mark.parametrize("tier", ["ram_file", "disk"])
 def test_a_file_tier_that_cannot_be_written_drops_the_save(
+    *,
     save_rt: Runtime,
     load: Any,
     monkeypatch: pytest.MonkeyPatch,
