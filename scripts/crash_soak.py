@@ -1,7 +1,7 @@
 """Crash soak: SIGKILL a runtime that saves to every tier, again and again, and check
 that each restart serves nothing corrupt or foreign and leaves no temporary file.
 
-    .venv/bin/python scripts/crash_soak.py --iterations 1000          # tiny llama model
+    .venv/bin/python scripts/crash_soak.py --iterations 1000          # tiny llama models
     .venv/bin/python scripts/crash_soak.py --iterations 50 --model stub
 
 Not part of ``make test`` (tests/runtime/test_crash_soak.py runs a short version).
@@ -9,7 +9,9 @@ Not part of ``make test`` (tests/runtime/test_crash_soak.py runs a short version
 The parent first computes each prompt's cold, greedy output on a runtime that saves
 nothing (the reference). Each iteration then starts a *child* runtime on the same
 ``ram_file`` and ``disk`` roots (plus a RAM tier), with three models on one GGUF, one
-saving to each tier (one namespace: they share rows). The child reports when it is up,
+saving to each tier (one namespace: they share rows), and two on another GGUF (other
+weights, another namespace, the same prompts: a row of one family restored into the
+other would show as an exact hit unlike the cold run). The child reports when it is up,
 with the temporary files it finds in the roots after its startup scan (must be 0), then
 runs random prompts from the set (fresh ones, and continuations of earlier outputs, which
 resume from finish saves), printing each result. The parent SIGKILLs it at a random
@@ -44,6 +46,10 @@ from typing import Any
 MAX_TOKENS = 6
 N_PROMPTS = 12
 TIERS = ("ram", "ram_file", "disk")
+FAMILIES = ("a", "b")
+# Family a saves to every tier; family b (other weights) shares the tiers, so that a row
+# of one restored into the other (a foreign payload) would show in the outputs.
+MODELS = (("a", "ram"), ("a", "ram_file"), ("a", "disk"), ("b", "ram"), ("b", "disk"))
 READY_TIMEOUT_S = 120.0  # generous: a loaded, shared machine starts three workers slowly
 
 
@@ -71,12 +77,13 @@ def runtime_config(root: Path, *, tiers: bool = True) -> dict[str, Any]:
     }
 
 
-def model_options(kind: str, model_path: Path) -> dict[str, Any]:
+def model_options(kind: str, family: str, root: Path) -> dict[str, Any]:
+    """Family ``a`` and ``b`` are two models (other weights, so another cache namespace)."""
     options: dict[str, Any] = {"n_ctx": 256, "n_batch": 64, "n_seq_max": 2}
     if kind == "stub":
-        options.update(backend="stub", stub={"n_vocab": 300})
+        options.update(backend="stub", stub={"n_vocab": 300 if family == "a" else 320})
     else:
-        options.update(model_path=str(model_path), n_threads=1)
+        options.update(model_path=str(root / f"tiny_{family}.gguf"), n_threads=1)
     return options
 
 
@@ -99,41 +106,49 @@ def temp_files(root: Path) -> list[str]:
 # ---------------------------------------------------------------------- the runtime side
 
 
-def reference(root: Path, kind: str, model_path: Path, seed: int) -> list[dict[str, Any]]:
-    """Cold greedy outputs of the base prompts and of their continuations."""
+def reference(root: Path, kind: str, seed: int) -> list[dict[str, Any]]:
+    """Cold greedy outputs, per model family, of the base prompts and of their
+    continuations (a base prompt, family a's output, one more token)."""
     import erllama_py  # noqa: PLC0415
 
     rt = erllama_py.start(runtime_config(root / "reference", tiers=False))
     try:
-        options = model_options(kind, model_path)
-        options["policy"] = {
-            "min_tokens": 10**9,
-            "cold_min_tokens": 10**9,
-            "cold_max_tokens": 10**9,
-        }
-        rt.load_model("ref", **options)
+        for family in FAMILIES:
+            options = model_options(kind, family, root)
+            options["policy"] = {
+                "min_tokens": 10**9,
+                "cold_min_tokens": 10**9,
+                "cold_max_tokens": 10**9,
+            }
+            rt.load_model(family, **options)
+
+        def cold(prompt: list[int]) -> dict[str, list[int]]:
+            return {
+                f: rt.complete(f, prompt, max_tokens=MAX_TOKENS, temperature=0.0).tokens
+                for f in FAMILIES
+            }
+
         prompts: list[dict[str, Any]] = []
         for prompt in base_prompts(seed):
-            out = rt.complete("ref", prompt, max_tokens=MAX_TOKENS, temperature=0.0).tokens
-            follow = [*prompt, *out, 5]
-            more = rt.complete("ref", follow, max_tokens=MAX_TOKENS, temperature=0.0).tokens
+            out = cold(prompt)
+            follow = [*prompt, *out["a"], 5]
             prompts.append({"prompt": prompt, "cold": out})
-            prompts.append({"prompt": follow, "cold": more})
+            prompts.append({"prompt": follow, "cold": cold(follow)})
+        if all(p["cold"]["a"] == p["cold"]["b"] for p in prompts):
+            raise SystemExit("the two model families agree everywhere: foreign rows undetectable")
         return prompts
     finally:
         rt.stop()
 
 
-def child(
-    root: Path, kind: str, model_path: Path, prompts_file: Path, seed: int, *, final: bool
-) -> int:
+def child(root: Path, kind: str, prompts_file: Path, seed: int, *, final: bool) -> int:
     import erllama_py  # noqa: PLC0415
 
     prompts = json.loads(prompts_file.read_text())
     rt = erllama_py.start(runtime_config(root))
     try:
-        for tier in TIERS:
-            rt.load_model(f"m_{tier}", tier=tier, **model_options(kind, model_path))
+        for family, tier in MODELS:
+            rt.load_model(f"{family}_{tier}", tier=tier, **model_options(kind, family, root))
         counters = rt.counters()
         _emit(
             event="ready",
@@ -146,11 +161,17 @@ def child(
         i = 0
         while order is None or i < len(order):
             idx = order[i] if order is not None else rng.randrange(len(prompts))
-            model = f"m_{TIERS[i % 3] if order is not None else rng.choice(TIERS)}"
+            family, tier = MODELS[i % len(MODELS)] if order is not None else rng.choice(MODELS)
             result = rt.complete(
-                model, prompts[idx]["prompt"], max_tokens=MAX_TOKENS, temperature=0.0
+                f"{family}_{tier}", prompts[idx]["prompt"], max_tokens=MAX_TOKENS, temperature=0.0
             )
-            _emit(event="result", idx=idx, hit=str(result.cache.kind), tokens=result.tokens)
+            _emit(
+                event="result",
+                idx=idx,
+                family=family,
+                hit=str(result.cache.kind),
+                tokens=result.tokens,
+            )
             i += 1
         rt.cache.wait_idle()
         problems = rt.cache.check()
@@ -191,6 +212,7 @@ class Tally:
     cold_mismatches: int = 0
     prefix_or_parent_hits: int = 0
     prefix_or_parent_differing: int = 0
+    temp_files_at_kill: int = 0
     temp_files_left: int = 0
     temp_files_swept: int = 0
     corrupt_rows_dropped: int = 0
@@ -210,7 +232,7 @@ class Tally:
             self.corrupt_rows_dropped += line["corrupt"]
             return
         self.results += 1
-        same = line["tokens"] == prompts[line["idx"]]["cold"]
+        same = line["tokens"] == prompts[line["idx"]]["cold"][line["family"]]
         if line["hit"] == "exact":
             self.exact_hits += 1
             self.exact_mismatches += not same
@@ -253,8 +275,6 @@ def run_child(
         str(root),
         "--model",
         args.model,
-        "--model-path",
-        str(args.model_path),
         "--prompts",
         str(prompts_file),
         "--seed",
@@ -278,6 +298,8 @@ def run_child(
         if not final and now >= deadline:
             proc.send_signal(signal.SIGKILL)
             killed = True
+            if ready_at is None and not kill_during_start:
+                tally.child_errors += 1  # it never came up
             break
         ready, _, _ = select.select([proc.stdout], [], [], max(0.0, min(0.05, deadline - now)))
         if not ready:
@@ -297,6 +319,7 @@ def run_child(
     proc.wait()
     proc.stdout.close()
     if killed:
+        tally.temp_files_at_kill += len(temp_files(root))  # the next start must sweep them
         tally.kills += 1
         tally.kills_during_start += kill_during_start
     elif proc.returncode != 0:
@@ -316,24 +339,20 @@ def main() -> int:
     )
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--final", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--model-path", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--prompts", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        return child(
-            args.root, args.model, args.model_path, args.prompts, args.seed, final=args.final
-        )
+        return child(args.root, args.model, args.prompts, args.seed, final=args.final)
 
     root = args.root or Path(tempfile.mkdtemp(prefix="erllama-soak-"))
     root.mkdir(parents=True, exist_ok=True)
     if args.model == "tiny":
         from erllama_py.model.testmodel import write_test_model  # noqa: PLC0415
 
-        args.model_path = write_test_model(root / "tiny.gguf", seed=0)
-    else:
-        args.model_path = root / "none"
+        for n, family in enumerate(FAMILIES):
+            write_test_model(root / f"tiny_{family}.gguf", seed=n)
     started = time.monotonic()
-    prompts = reference(root, args.model, args.model_path, args.seed)
+    prompts = reference(root, args.model, args.seed)
     prompts_file = root / "prompts.json"
     prompts_file.write_text(json.dumps(prompts))
     rng = random.Random(args.seed)
