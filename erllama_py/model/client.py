@@ -253,7 +253,13 @@ class WorkerClient:
 
     def unpack(self, seq: int, buffer: StateBuffer | ArenaSlice, size: int | None = None) -> int:
         """Restore a sequence from the first `size` bytes (default: all) of a shared
-        buffer or an arena slot; returns the tokens restored."""
+        buffer or an arena slot; returns the tokens restored.
+
+        Raises:
+            WorkerCrashedError: the worker died.
+            OSError: the worker could not map the buffer (no descriptor or memory).
+            CacheFormatError, ContextOverflowError, ModelError: it refused the state.
+        """
         n = buffer.size if size is None else size
         with self._lock:
             try:
@@ -270,8 +276,9 @@ class WorkerClient:
                 reply: Reply = self.process.channel.recv()
             except (EOFError, OSError):
                 raise self.crashed() from None
-        if isinstance(reply, Failed) and reply.kind == "OSError":
-            self._segments_sent.clear()
+        if isinstance(reply, Failed) and reply.errno is not None:
+            self._segments_sent.clear()  # resend descriptors: the worker may lack one
+            raise OSError(reply.errno, f"worker: {reply.message}")
         return cast(int, self._value(reply))
 
 

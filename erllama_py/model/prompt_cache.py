@@ -216,6 +216,10 @@ class PromptCache:
                 log.warning("row %s does not restore (%s); dropping it", key.hex(), exc.reason)
                 self.cache.drop(claim, exc.reason)
                 return False
+            except OSError as exc:  # the worker could not map it: the row is sound, go cold
+                log.info("row %s not restored: %s", key.hex(), exc)
+                self.client.clear_seq(r.seq)
+                return False
             if restored != claim.n_tokens or (
                 cut is not None and not self.client.truncate(r.seq, cut)
             ):

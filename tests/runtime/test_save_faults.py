@@ -2,7 +2,8 @@
 
 Each fault on the save path is injected in turn: no descriptor or no memory for the
 packed state (the arena), no space, a read-only root, an I/O error (the file tier's
-write), and a tier root removed under the running runtime (a real fault). Every time the
+write), a tier root removed under the running runtime (a real fault), and a worker that
+cannot map the arena (it fails every pack and restore; restores then go cold). Every time the
 request completes with the tokens a fault-free run gives, the save is dropped and counted
 under its cause, the cause is logged once (not once per request), and the model keeps its
 worker.
@@ -12,7 +13,9 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 import shutil
+import signal
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -22,6 +25,7 @@ import pytest
 from erllama_py import Runtime
 from erllama_py.cache.filestore import FileStore
 from erllama_py.model.arena import Arena
+from erllama_py.model.client import WorkerClient
 
 PROMPT = [1, 5, 9, 13, 17, 21, 25, 29]
 MAX_TOKENS = 4
@@ -144,3 +148,53 @@ def test_a_tier_root_removed_under_the_runtime_drops_the_save(
     shutil.rmtree(tmp_path / "disk")
     results = _run_twice_under_fault(save_rt, "disk", load)
     _check(save_rt, results, "root_missing", caplog, load)
+
+
+class _EverySegmentSent(set[int]):
+    """A client's record of segments sent that claims all of them: the worker is then
+    named segments it never mapped, and fails every pack into and restore from them."""
+
+    def __contains__(self, _item: object) -> bool:
+        return True
+
+
+def test_a_worker_that_cannot_map_the_arena_neither_saves_nor_restores_yet_serves(
+    *,
+    save_rt: Runtime,
+    load: Any,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    wait_until: Any,
+) -> None:
+    caplog.set_level(logging.DEBUG, "erllama_py")
+    rt = save_rt
+    m = load(rt, "stub", tier="ram")
+    first = m.complete(PROMPT, max_tokens=MAX_TOKENS)
+    rt.cache.wait_idle()
+    assert rt.cache_rows()
+    real_init = WorkerClient.__init__
+
+    def init(self: WorkerClient, *args: Any, **kwargs: Any) -> None:
+        real_init(self, *args, **kwargs)
+        self._segments_sent = _EverySegmentSent()
+
+    monkeypatch.setattr(WorkerClient, "__init__", init)
+    old = m.worker_pid()
+    os.kill(old, signal.SIGKILL)  # its successor has mapped no segment
+    wait_until(
+        lambda: (
+            m.info_now().worker.pid not in (None, old) and m.info_now().worker.state == "running"
+        ),
+        "the worker runs again",
+        30.0,
+    )
+    before = rt.counters()
+    again = m.complete(PROMPT, max_tokens=MAX_TOKENS)  # the exact row cannot be restored
+    fresh = m.complete([*PROMPT, 200], max_tokens=MAX_TOKENS)  # nor can it save
+    rt.cache.wait_idle()
+    grown = rt.counters().since(before)
+    assert again.tokens == first.tokens and str(again.cache.kind) == "cold"
+    assert fresh.finish_reason == "length" and len(fresh.tokens) == MAX_TOKENS
+    assert grown.hits_exact == 0 and grown.misses == 2
+    assert grown.save_failed_io_error >= 1 and grown.saves_dropped >= 1
+    assert m.info_now().status == "loaded"
