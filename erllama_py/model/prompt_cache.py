@@ -247,7 +247,11 @@ class PromptCache:
             if isinstance(stored, ArenaSlice | StateBuffer) and not stored.closed:
                 return stored, None, view.nbytes
             # A row saved through the cache API (bytes, not a shared buffer): one copy.
-            copy = self.shared.arena.allocate(view.nbytes)
+            try:
+                copy = self.shared.arena.allocate(view.nbytes)
+            except OSError as exc:  # no room to hand it over: serve this request cold
+                log.info("row %s not restored: %s", claim.key.hex(), exc)
+                return None, None, 0
             copy.view()[:] = view
             self.cache.count_load(0, copied=view.nbytes)
             return copy, copy, view.nbytes

@@ -10,6 +10,8 @@ process; the runtime sees the channel close and the supervisor restarts it.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import sys
 
@@ -119,7 +121,8 @@ class _Server:
                 continue
             finally:
                 if isinstance(buffer, memoryview):
-                    buffer.release()
+                    with contextlib.suppress(BufferError):  # an export the backend still holds
+                        buffer.release()
                 elif buffer is not None and not self.mappings.owns(buffer):
                     buffer.close()
             self.channel.send(Ok(result))
@@ -139,16 +142,19 @@ class _Server:
         if slot.fd_follows:
             _data, fds = self.channel.recv_fds(len(FD_MARK), 1)
             if not fds:
-                raise OSError(24, "no segment descriptor received (EMFILE?)")
+                raise OSError(errno.EMFILE, "no segment descriptor received")
             old = self.segments.pop(slot.segment, None)
             if old is not None:
-                old.close()
+                with contextlib.suppress(BufferError):
+                    old.close()
             self.segments[slot.segment] = StateBuffer.from_fd(
                 fds[0], slot.segment_size, writable=True, take_ownership=True
             )
         segment = self.segments.get(slot.segment)
         if segment is None:
-            raise OSError(9, f"arena segment {slot.segment} was never sent to this worker")
+            raise OSError(
+                errno.EBADF, f"arena segment {slot.segment} was never sent to this worker"
+            )
         if slot.offset + slot.size > segment.size:
             raise ValueError(f"slot {slot} outside its segment")
         return segment
