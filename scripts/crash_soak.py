@@ -15,7 +15,9 @@ other would show as an exact hit unlike the cold run). The child reports when it
 with the temporary files it finds in the roots after its startup scan (must be 0), then
 runs random prompts from the set (fresh ones, and continuations of earlier outputs, which
 resume from finish saves), printing each result. The parent SIGKILLs it at a random
-moment (mostly mid-work, sometimes while it starts) and checks every result it printed:
+moment (mostly mid-work, sometimes while it starts; each temp file is held open
+``--write-delay-ms`` before its sync and link, so that many kills land mid-publish) and
+checks every result it printed:
 
 - an exact hit must equal the prompt's cold output (a corrupt, partial or foreign
   payload that was restored would not);
@@ -141,8 +143,28 @@ def reference(root: Path, kind: str, seed: int) -> list[dict[str, Any]]:
         rt.stop()
 
 
-def child(root: Path, kind: str, prompts_file: Path, seed: int, *, final: bool) -> int:
+def slow_writes(delay_s: float) -> None:
+    """Hold every temp file open (written, not yet synced or linked) for `delay_s`, so
+    that kills land mid-publish often: rows are small, writes otherwise take microseconds."""
+    from erllama_py.cache import filestore  # noqa: PLC0415
+
+    write_all = filestore.write_all
+
+    def slow(fd: int, buffers: list[Any]) -> int:
+        written = write_all(fd, buffers)
+        time.sleep(delay_s)
+        return written
+
+    filestore.write_all = slow  # type: ignore[assignment]
+
+
+def child(
+    root: Path, kind: str, prompts_file: Path, seed: int, *, final: bool, write_delay_s: float
+) -> int:
     import erllama_py  # noqa: PLC0415
+
+    if write_delay_s > 0 and not final:
+        slow_writes(write_delay_s)
 
     prompts = json.loads(prompts_file.read_text())
     rt = erllama_py.start(runtime_config(root))
@@ -279,6 +301,8 @@ def run_child(
         str(prompts_file),
         "--seed",
         str(seed),
+        "--write-delay-ms",
+        str(args.write_delay_ms),
     ]
     if final:
         cmd.append("--final")
@@ -335,6 +359,12 @@ def main() -> int:
         "--max-kill-ms", type=float, default=1500.0, help="latest kill after the child is up"
     )
     parser.add_argument(
+        "--write-delay-ms",
+        type=float,
+        default=20.0,
+        help="hold each temp file this long before its sync and link (0: no delay)",
+    )
+    parser.add_argument(
         "--root", type=Path, help="where the tiers live (default: a new temp folder)"
     )
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -342,7 +372,14 @@ def main() -> int:
     parser.add_argument("--prompts", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        return child(args.root, args.model, args.prompts, args.seed, final=args.final)
+        return child(
+            args.root,
+            args.model,
+            args.prompts,
+            args.seed,
+            final=args.final,
+            write_delay_s=args.write_delay_ms / 1000.0,
+        )
 
     root = args.root or Path(tempfile.mkdtemp(prefix="erllama-soak-"))
     root.mkdir(parents=True, exist_ok=True)
