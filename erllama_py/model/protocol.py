@@ -41,7 +41,7 @@ from erllama_py.errors import (
 )
 from erllama_py.model.arena import SlotRef
 from erllama_py.model.backend import BackendInfo, Prefill
-from erllama_py.params import ChatMessage, SamplingParams
+from erllama_py.params import ChatMessage, SamplingParams, Tool
 
 __all__ = [
     "FD_MARK",
@@ -144,6 +144,7 @@ class ChatTemplate(Command[str]):
     messages: Sequence[ChatMessage]
     add_generation_prompt: bool = True
     template: str | None = None
+    tools: Sequence[Tool] | None = None
 
 
 @dataclass(frozen=True)
