@@ -20,6 +20,7 @@ from erllama_py.cache.handle import CacheHandle
 from erllama_py.cache.state import CacheState
 from erllama_py.cache.tree import cache_sup_spec
 from erllama_py.config import Config
+from erllama_py.model.arena import Arena
 from erllama_py.model.registry import ModelRegistry, ModelTable
 from erllama_py.model.tree import model_sup_spec
 from erllama_py.pressure import PRESSURE_NAME, PressureActor
@@ -39,6 +40,7 @@ class Tree:
     registry: Registry
     cache: CacheHandle
     models: ModelTable
+    arena: Arena  # shared memory of packed states and RAM rows (closed by rt.stop)
 
 
 def start_tree(config: Config) -> Tree:
@@ -52,13 +54,14 @@ def start_tree(config: Config) -> Tree:
     cache_shared = CacheState(settings=config.cache, registry=registry)
     cache = CacheHandle(cache_shared)
     table = ModelTable()
+    arena = Arena()
     restart = config.restart
     children = [
         cache_sup_spec(cache_shared),
         model_sup_spec(registry, restart.intensity, restart.period_s),
         ChildSpec(
             id=REGISTRY_NAME,
-            start=lambda: ModelRegistry.start(table, config, cache, registry),
+            start=lambda: ModelRegistry.start(table, config, cache, registry, arena),
             name=REGISTRY_NAME,
         ),
     ]
@@ -79,4 +82,4 @@ def start_tree(config: Config) -> Tree:
         registry=registry,
     )
     cache_shared.index()
-    return Tree(root=root, registry=registry, cache=cache, models=table)
+    return Tree(root=root, registry=registry, cache=cache, models=table, arena=arena)

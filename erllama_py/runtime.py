@@ -311,7 +311,8 @@ class Runtime:
             raise RuntimeStoppedError("the runtime has been stopped")
 
     def stop(self, timeout: float = 60.0) -> None:
-        """Unload every model (``shutdown`` saves), let saves finish, stop the tree."""
+        """Unload every model (``shutdown`` saves), let saves finish, stop the tree, and
+        release every descriptor, shared-memory segment, thread and worker process."""
         if self._stopped:
             return
         with contextlib.suppress(ErllamaError, pykka.ActorDeadError, pykka.Timeout):
@@ -323,6 +324,10 @@ class Runtime:
         if root.is_alive():
             root.stop(block=True, timeout=timeout)
         self.cache.mark_stopped()
+        # The tree is down (workers, actors, writers): release the RAM rows' memory and
+        # the arena's descriptors now, not when the runtime is garbage-collected.
+        self.cache.shared.ram.clear()
+        self._tree.arena.close()
 
     async def astop(self, timeout: float = 60.0) -> None:
         """`stop` for asyncio."""

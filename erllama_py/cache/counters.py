@@ -55,6 +55,13 @@ COUNTER_NAMES: tuple[str, ...] = (
     "save_bytes_copied",
     "loaded_bytes",
     "load_bytes_copied",
+    # dropped saves by cause (erllama_py.cache.save_failures)
+    "save_failed_no_descriptors",
+    "save_failed_no_memory",
+    "save_failed_no_space",
+    "save_failed_not_writable",
+    "save_failed_root_missing",
+    "save_failed_io_error",
 )
 
 _GAUGES = frozenset({"bytes_ram", "bytes_ramfile", "bytes_disk"})
@@ -111,6 +118,12 @@ class CounterSnapshot:
     save_bytes_copied: int = 0
     loaded_bytes: int = 0
     load_bytes_copied: int = 0
+    save_failed_no_descriptors: int = 0
+    save_failed_no_memory: int = 0
+    save_failed_no_space: int = 0
+    save_failed_not_writable: int = 0
+    save_failed_root_missing: int = 0
+    save_failed_io_error: int = 0
     tiers: tuple[TierStats, ...] = field(default=())
 
     def since(self, before: CounterSnapshot) -> CounterSnapshot:
@@ -136,6 +149,15 @@ class Counters:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._values: dict[str, int] = dict.fromkeys(COUNTER_NAMES, 0)
+        self._seen: set[str] = set()
+
+    def first_time(self, tag: str) -> bool:
+        """True the first time `tag` is asked about (log-once decisions; thread-safe)."""
+        with self._lock:
+            if tag in self._seen:
+                return False
+            self._seen.add(tag)
+            return True
 
     def incr(self, name: str, amount: int = 1) -> None:
         """Add `amount` to a counter (names are checked: a typo is a bug, not a new counter)."""

@@ -459,6 +459,7 @@ class CacheHandle:
         if self._sup is not None and self._sup.is_alive():
             self._sup.stop(block=True, timeout=timeout)
         self.shared.stopped = True
+        self.shared.ram.clear()
 
     def __enter__(self) -> CacheHandle:
         return self

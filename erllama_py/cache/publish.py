@@ -58,6 +58,7 @@ from erllama_py.cache.key import Namespace, make_key_encoded
 from erllama_py.cache.payload import Payload, payload_checksum, payload_view, release_payload
 from erllama_py.cache.ramstore import RamEntry
 from erllama_py.cache.rows import Announcement, ReserveRequest
+from erllama_py.cache.save_failures import note_save_failure
 from erllama_py.errors import (
     CacheError,
     CacheFormatError,
@@ -174,7 +175,7 @@ def run_save(
             log.info("demotion of a %s row dropped: no tier had room", job.reason)
         raise
     except OSError as exc:
-        counters.incr("saves_dropped")
+        note_save_failure(counters, exc, f"a {job.reason} save to {job.tier}")
         raise CacheError(f"save failed: {exc}") from exc
     finally:
         if job.owns_payload and not keep_payload:

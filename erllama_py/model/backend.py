@@ -26,7 +26,7 @@ from typing import Any, NamedTuple, Protocol, runtime_checkable
 import numpy as np
 
 from erllama_py.errors import ContextOverflowError, InvalidRequestError
-from erllama_py.model.statebuf import StateBuffer
+from erllama_py.model.statebuf import Allocate, StateBuffer
 from erllama_py.params import SamplingParams
 
 __all__ = [
@@ -281,6 +281,15 @@ class Backend(Protocol):
         With ``canonical`` the sequence then continues from the saved state
         itself (restored in place), so that what it computes next is exactly
         what a restore of this state computes (see the llama backend).
+        """
+        ...
+
+    def pack_into(
+        self, seq: int, allocate: Allocate, allow_no_logits: bool = False, canonical: bool = False
+    ) -> int:
+        """`pack` into the place ``allocate(size)`` gives (an arena slot); returns the size.
+
+        The target's view is released before this returns, also on failure.
         """
         ...
 

@@ -17,10 +17,10 @@ from pathlib import Path
 from typing import TypeVar, cast
 
 from erllama_py.errors import ModelLoadError, WorkerCrashedError
+from erllama_py.model.arena import Arena, ArenaSlice
 from erllama_py.model.backend import BackendInfo
 from erllama_py.model.protocol import (
     FD_MARK,
-    BufferFollows,
     ChatTemplate,
     ClearSeq,
     Command,
@@ -37,6 +37,9 @@ from erllama_py.model.protocol import (
     Reset,
     SamplerSpec,
     SeqLen,
+    SlotGranted,
+    SlotRefused,
+    SlotWanted,
     Step,
     StepOp,
     Tokenize,
@@ -128,6 +131,7 @@ class WorkerClient:
         self.process = process
         self.info = info
         self._lock = threading.Lock()
+        self._segments_sent: set[int] = set()  # arena segments this worker has mapped
 
     @property
     def pid(self) -> int:
@@ -204,30 +208,82 @@ class WorkerClient:
     def reset(self) -> None:
         self.call(Reset())
 
-    def pack(self, seq: int, canonical: bool = False) -> StateBuffer:
-        """Save a sequence into a new shared buffer (its pages are the worker's: no copy)."""
-        with self._lock:
-            try:
-                self.process.channel.send(Pack(seq, canonical))
-                reply: Reply = self.process.channel.recv()
-                if not isinstance(reply, BufferFollows):
-                    self._value(reply)
-                    raise AssertionError("pack replied without a buffer")
-                _data, fds = self.process.channel.recv_fds(len(FD_MARK), 1)
-            except (EOFError, OSError):
-                raise self.crashed() from None
-        return StateBuffer.from_fd(fds[0], reply.size, take_ownership=True)
+    def pack(self, seq: int, arena: Arena, canonical: bool = False) -> ArenaSlice:
+        """Save a sequence into a new slot of `arena` (the worker writes it: no copy).
 
-    def unpack(self, seq: int, buffer: StateBuffer, size: int | None = None) -> int:
+        Raises:
+            WorkerCrashedError: the worker died.
+            OSError: no memory or descriptor for the slot, here or in the worker
+                (``errno`` says which).
+            InvalidRequestError, ModelError: the worker refused it.
+        """
+        with self._lock:
+            slot: ArenaSlice | None = None
+            refused: OSError | None = None
+            try:
+                try:
+                    self.process.channel.send(Pack(seq, canonical))
+                    reply: Reply = self.process.channel.recv()
+                    if isinstance(reply, SlotWanted):
+                        try:
+                            slot = arena.allocate(reply.size)
+                        except OSError as exc:
+                            refused = exc
+                            self.process.channel.send(SlotRefused(str(exc)))
+                        else:
+                            self._send_slot(slot)
+                        reply = self.process.channel.recv()
+                except (EOFError, OSError):
+                    raise self.crashed() from None
+                if refused is not None:
+                    raise refused
+                if isinstance(reply, Failed):
+                    self._segments_sent.clear()  # resend descriptors: the worker may lack one
+                    if reply.errno is not None:
+                        raise OSError(reply.errno, f"worker: {reply.message}")
+                self._value(reply)
+            except BaseException:
+                if slot is not None:
+                    slot.close()
+                raise
+        assert slot is not None
+        return slot
+
+    def _send_slot(self, slot: ArenaSlice) -> None:
+        fresh = slot.segment_id not in self._segments_sent
+        self.process.channel.send(SlotGranted(slot.ref(fd_follows=fresh)))
+        if fresh:
+            self.process.channel.send_fds(FD_MARK, [slot.segment_fd])
+            self._segments_sent.add(slot.segment_id)
+
+    def unpack(self, seq: int, buffer: StateBuffer | ArenaSlice, size: int | None = None) -> int:
         """Restore a sequence from the first `size` bytes (default: all) of a shared
-        buffer; returns the tokens restored."""
+        buffer or an arena slot; returns the tokens restored.
+
+        Raises:
+            WorkerCrashedError: the worker died.
+            OSError: the worker could not map the buffer (no descriptor or memory).
+            CacheFormatError, ContextOverflowError, ModelError: it refused the state.
+        """
+        n = buffer.size if size is None else size
         with self._lock:
             try:
-                self.process.channel.send(Unpack(seq, buffer.size if size is None else size))
-                self.process.channel.send_fds(FD_MARK, [buffer.fd])
+                if isinstance(buffer, ArenaSlice):
+                    fresh = buffer.segment_id not in self._segments_sent
+                    slot = buffer.ref(fd_follows=fresh)
+                    self.process.channel.send(Unpack(seq, n, slot))
+                    if fresh:
+                        self.process.channel.send_fds(FD_MARK, [buffer.segment_fd])
+                        self._segments_sent.add(buffer.segment_id)
+                else:
+                    self.process.channel.send(Unpack(seq, n))
+                    self.process.channel.send_fds(FD_MARK, [buffer.fd])
                 reply: Reply = self.process.channel.recv()
             except (EOFError, OSError):
                 raise self.crashed() from None
+        if isinstance(reply, Failed) and reply.errno is not None:
+            self._segments_sent.clear()  # resend descriptors: the worker may lack one
+            raise OSError(reply.errno, f"worker: {reply.message}")
         return cast(int, self._value(reply))
 
 

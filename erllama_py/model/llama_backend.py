@@ -126,6 +126,8 @@ from erllama_py.model.statebuf import (
     FLAG_LOGITS,
     HEADER_SIZE,
     KIND_LLAMA,
+    Allocate,
+    PackTarget,
     StateBuffer,
     StateHeader,
     buffer_address,
@@ -703,7 +705,6 @@ class LlamaBackend:
 
     # ------------------------------------------------------------ pack/unpack
 
-    @_api
     def pack(self, seq: int, allow_no_logits: bool = False, canonical: bool = False) -> StateBuffer:
         """Save ``seq`` into a new sealed :class:`StateBuffer` (format in statebuf).
 
@@ -722,6 +723,26 @@ class LlamaBackend:
         a prefill after unpack before it can be decoded. The state bytes are
         written by ``llama_state_seq_get_data`` straight into the mapping.
         """
+        made: list[StateBuffer] = []
+
+        def fresh(size: int) -> PackTarget:
+            made.append(StateBuffer.create(size))
+            return made[0].target()
+
+        try:
+            self.pack_into(seq, fresh, allow_no_logits, canonical)
+            made[0].seal()
+        except BaseException:
+            for buf in made:
+                buf.close()
+            raise
+        return made[0]
+
+    @_api
+    def pack_into(
+        self, seq: int, allocate: Allocate, allow_no_logits: bool = False, canonical: bool = False
+    ) -> int:
+        """`pack` into the place ``allocate(size)`` gives; returns the size (see Backend)."""
         st = self._seq(seq)
         if not st.has_logits and not allow_no_logits:
             raise InvalidRequestError(
@@ -737,14 +758,13 @@ class LlamaBackend:
             state_len=state_len,
             flags=FLAG_LOGITS if has else 0,
         )
-        buf = StateBuffer.create(h.total_size)
+        target = allocate(h.total_size)
         try:
-            view = buf.view()
-            view[:HEADER_SIZE] = encode_header(h)
+            target.view[:HEADER_SIZE] = encode_header(h)
             if has:
                 src = st.logits if st.logits is not None else self._row_view(st.row)
-                ctypes.memmove(buf.address + HEADER_SIZE, src.ctypes.data, h.logits_len)
-            dst = ctypes.cast(buf.address + h.state_offset, ctypes.POINTER(ctypes.c_uint8))
+                ctypes.memmove(target.address + HEADER_SIZE, src.ctypes.data, h.logits_len)
+            dst = ctypes.cast(target.address + h.state_offset, ctypes.POINTER(ctypes.c_uint8))
             with llama_log.capture() as cap:
                 written = int(_L.llama_state_seq_get_data(self._ctx, dst, state_len, seq))
             if written != state_len:
@@ -753,16 +773,18 @@ class LlamaBackend:
                     f"{': ' + cap.summary() if cap.lines else ''}",
                     self._info.name,
                 )
-            buf.seal()
             if canonical and has and 0 < self._info.n_swa < st.n:
-                self.unpack(seq, buf)
-        except BaseException:
-            buf.close()
-            raise
-        return buf
+                self._unpack(seq, target.view)
+        finally:
+            target.release()
+        return h.total_size
 
     @_api
     def unpack(self, seq: int, buf: StateBuffer | memoryview | bytes | bytearray) -> int:
+        """Replace ``seq`` with a packed state (see `_unpack`)."""
+        return self._unpack(seq, buf)
+
+    def _unpack(self, seq: int, buf: StateBuffer | memoryview | bytes | bytearray) -> int:
         """Replace ``seq`` with a packed state and its stored logits; returns its length.
 
         The sequence is cleared first. ``llama_state_seq_set_data`` reads the

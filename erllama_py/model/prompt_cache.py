@@ -6,9 +6,10 @@ sharing the longest common prefix (the cache's token trie); then cold. A
 restored row longer than the usable prefix is cut back to it (still
 token-exact), when the model's KV layout allows it.
 
-Payloads never pass through Python bytes: a RAM row's shared buffer is handed
-to the worker by descriptor, a file row is read straight into a fresh shared
-buffer, which is then promoted to RAM by reference.
+Payloads never pass through Python bytes: a RAM row is a slot of the runtime's
+arena, which the worker reads from its own mapping; a file row is read
+straight into a fresh arena slot, which is then promoted to RAM by reference
+(or, without promotion, into a pooled shared buffer handed over by descriptor).
 
 In deterministic mode only rows computed by prefill (reason ``cold``) are
 restored, prefix hits are cut to a multiple of ``n_batch``, and the cold path
@@ -27,8 +28,17 @@ from erllama_py.cache.key import encode_tokens
 from erllama_py.cache.policy import cold_save_split
 from erllama_py.cache.publish import SaveResult
 from erllama_py.cache.rows import Claim, RowInfo
-from erllama_py.errors import CacheError, CacheFormatError, InvalidRequestError, ReservationError
+from erllama_py.cache.save_failures import note_save_failure
+from erllama_py.errors import (
+    CacheError,
+    CacheFormatError,
+    InvalidRequestError,
+    ModelError,
+    ReservationError,
+    WorkerCrashedError,
+)
 from erllama_py.kinds import HitKind, SaveReason, TierKind
+from erllama_py.model.arena import ArenaSlice
 from erllama_py.model.client import WorkerClient
 from erllama_py.model.request import RequestState
 from erllama_py.model.state import ModelState
@@ -191,7 +201,7 @@ class PromptCache:
         claim = self.cache.claim(key)
         if claim is None:
             return False
-        owned: StateBuffer | None = None
+        owned: StateBuffer | ArenaSlice | None = None
         try:
             if claim.n_tokens != n_tokens or (
                 must_equal is not None and claim.tokens != must_equal
@@ -205,6 +215,10 @@ class PromptCache:
             except CacheFormatError as exc:
                 log.warning("row %s does not restore (%s); dropping it", key.hex(), exc.reason)
                 self.cache.drop(claim, exc.reason)
+                return False
+            except OSError as exc:  # the worker could not map it: the row is sound, go cold
+                log.info("row %s not restored: %s", key.hex(), exc)
+                self.client.clear_seq(r.seq)
                 return False
             if restored != claim.n_tokens or (
                 cut is not None and not self.client.truncate(r.seq, cut)
@@ -220,7 +234,9 @@ class PromptCache:
             if owned is not None:
                 self._give_back(owned)
 
-    def _payload(self, claim: Claim) -> tuple[StateBuffer | None, StateBuffer | None, int]:
+    def _payload(
+        self, claim: Claim
+    ) -> tuple[StateBuffer | ArenaSlice | None, StateBuffer | ArenaSlice | None, int]:
         """The shared buffer to hand to the worker, the one we own (to give back, close
         or promote), and the payload's size."""
         if claim.kind is TierKind.RAM:
@@ -228,19 +244,25 @@ class PromptCache:
             if view is None:
                 return None, None, 0
             stored = self.cache.ram_payload(claim)
-            if isinstance(stored, StateBuffer) and not stored.closed:
+            if isinstance(stored, ArenaSlice | StateBuffer) and not stored.closed:
                 return stored, None, view.nbytes
             # A row saved through the cache API (bytes, not a shared buffer): one copy.
-            copy = StateBuffer.create(view.nbytes)
-            copy.view()[: view.nbytes] = view
+            try:
+                copy = self.shared.arena.allocate(view.nbytes)
+            except OSError as exc:  # no room to hand it over: serve this request cold
+                log.info("row %s not restored: %s", claim.key.hex(), exc)
+                return None, None, 0
+            copy.view()[:] = view
             self.cache.count_load(0, copied=view.nbytes)
             return copy, copy, view.nbytes
         promote = self.cache.promotes_on_hit
-        holder: list[StateBuffer] = []
+        holder: list[StateBuffer | ArenaSlice] = []
 
         def allocate(size: int) -> memoryview:
             # A promoted buffer becomes the RAM row: it must be exactly the payload's size.
-            buffer = StateBuffer.create(size) if promote else self.shared.buffers.acquire(size)
+            buffer = (
+                self.shared.arena.allocate(size) if promote else self.shared.buffers.acquire(size)
+            )
             holder.append(buffer)
             return buffer.view()[:size]
 
@@ -256,10 +278,9 @@ class PromptCache:
         del loaded
         return holder[0], holder[0], size
 
-    def _give_back(self, buffer: StateBuffer) -> None:
-        if self.cache.promotes_on_hit:
-            with contextlib.suppress(BufferError):
-                buffer.close()
+    def _give_back(self, buffer: StateBuffer | ArenaSlice) -> None:
+        if isinstance(buffer, ArenaSlice):
+            buffer.close()
         else:
             self.shared.buffers.release(buffer)
 
@@ -287,9 +308,15 @@ class PromptCache:
             # Saves a later request may resume from mid-generation (cold, continued) make
             # the live run continue from the saved state, so that resumes are exact.
             canonical = canonical or reason in (SaveReason.COLD, SaveReason.CONTINUED)
-            buffer = self.client.pack(r.seq, canonical=canonical)
+            buffer = self.client.pack(r.seq, self.shared.arena, canonical=canonical)
         except InvalidRequestError as exc:  # no logits yet (a restore was just cut back)
             log.debug("%s save skipped: %s", reason, exc)
+            return None
+        except WorkerCrashedError:
+            raise  # the worker is gone: the model's crash handling takes over
+        except (OSError, ModelError) as exc:
+            # No memory or descriptor for the state, here or in the worker: drop the save.
+            self._save_failed(exc, reason)
             return None
         self.cache.count("pack_total_ns", time.perf_counter_ns() - started)
         try:
@@ -307,11 +334,23 @@ class PromptCache:
                 buffer.close()
             if isinstance(exc, ReservationError) and exc.reason in ("already_present", "conflict"):
                 return self._duplicate(r, key)  # another save of these tokens won the race
+            if isinstance(exc.__cause__, OSError):
+                return None  # counted and logged where it failed (publish.run_save)
             log.info("%s save of %s dropped: %s", reason, self.shared.name, exc)
+            return None
+        except OSError as exc:
+            with contextlib.suppress(BufferError):
+                buffer.close()
+            self._save_failed(exc, reason)
             return None
         ticket.future.add_done_callback(_log_failure)
         r.last_save_at = len(r.context)
         return ticket.key
+
+    def _save_failed(self, exc: BaseException, reason: SaveReason) -> None:
+        note_save_failure(
+            self.shared.cache.shared.counters, exc, f"a {reason} save of {self.shared.name}"
+        )
 
     def canonicalize(self, r: RequestState) -> None:
         """Make `r`'s sequence continue from its own packed state, without saving it.
@@ -323,7 +362,7 @@ class PromptCache:
         """
         assert r.seq is not None
         if r.has_logits and 0 < self.shared.info.n_swa < len(r.context):
-            self.client.pack(r.seq, canonical=True).close()
+            self.client.pack(r.seq, self.shared.arena, canonical=True).close()
 
     def _duplicate(self, r: RequestState, key: bytes) -> bytes:
         self.cache.count("duplicate_dropped")
@@ -333,5 +372,5 @@ class PromptCache:
 
 def _log_failure(future: Future[SaveResult]) -> None:
     exc = future.exception()
-    if exc is not None:
-        log.info("cache save failed: %s", exc)
+    if exc is not None:  # counted (by cause) and logged once where it failed
+        log.debug("cache save failed: %s", exc)

@@ -6,10 +6,16 @@ command at a time. Messages are pickled dataclasses on the
 reply's value (``Tokenize`` is a ``Command[list[int]]``), so that
 `WorkerClient.call` is typed end to end.
 
-A KV state never travels in a frame: it stays in a memfd (`StateBuffer`) whose
-descriptor crosses with ``SCM_RIGHTS`` right after the frame that announces it
-(`BufferFollows`, the reply to `Pack`; the `Unpack` command itself), so a
-state of hundreds of megabytes costs a descriptor, not a copy.
+A KV state never travels in a frame: it stays in shared memory. A `Pack`
+writes into a slot of the runtime's arena (`erllama_py.model.arena`): the
+worker answers `SlotWanted` (the packed size), the runtime grants a slot
+(`SlotGranted`, naming a segment, offset and size) and the worker packs
+straight into its mapping of that segment, then answers `Ok` (the size). An
+`Unpack` names an arena slot the same way, or announces a standalone buffer
+(`slot` None) whose memfd follows. A segment's descriptor crosses with
+``SCM_RIGHTS`` right after the frame that first names it to this worker
+(``SlotRef.fd_follows``), so a state of hundreds of megabytes costs neither a
+copy nor, after the first time, a descriptor.
 
 The handshake: a new worker sends `Ready` (its model's `BackendInfo`) or
 `LoadFailed` (why it could not load).
@@ -33,12 +39,12 @@ from erllama_py.errors import (
     ModelError,
     ModelLoadError,
 )
+from erllama_py.model.arena import SlotRef
 from erllama_py.model.backend import BackendInfo, Prefill
 from erllama_py.params import ChatMessage, SamplingParams, Tool
 
 __all__ = [
     "FD_MARK",
-    "BufferFollows",
     "ChatTemplate",
     "ClearSeq",
     "Command",
@@ -57,6 +63,9 @@ __all__ = [
     "Reset",
     "SamplerSpec",
     "SeqLen",
+    "SlotGranted",
+    "SlotRefused",
+    "SlotWanted",
     "Step",
     "StepOp",
     "TokenOut",
@@ -197,7 +206,8 @@ class Step(Command[list[TokenOut | None]]):
 
 @dataclass(frozen=True)
 class Pack(Command[int]):
-    """Save a sequence; the reply is `BufferFollows` and then the buffer's descriptor.
+    """Save a sequence into an arena slot: the worker replies `SlotWanted`, is sent
+    `SlotGranted` (or `SlotRefused`), packs, and replies `Ok` with the size.
 
     ``canonical``: continue from the saved state itself (see `Backend.pack`).
     """
@@ -207,12 +217,27 @@ class Pack(Command[int]):
 
 
 @dataclass(frozen=True)
+class SlotGranted:
+    """The runtime's answer to `SlotWanted`: pack into this slot."""
+
+    slot: SlotRef
+
+
+@dataclass(frozen=True)
+class SlotRefused:
+    """The runtime's answer to `SlotWanted` when it has no room: the pack fails."""
+
+    reason: str
+
+
+@dataclass(frozen=True)
 class Unpack(Command[int]):
-    """Restore a sequence from the buffer whose descriptor follows this frame; the reply
-    is the number of tokens restored."""
+    """Restore a sequence from an arena slot (`slot`), or from the standalone buffer whose
+    descriptor follows this frame (`slot` None); the reply is the tokens restored."""
 
     seq: int
     size: int
+    slot: SlotRef | None = None
 
 
 @dataclass(frozen=True)
@@ -252,8 +277,8 @@ class Ok:
 
 
 @dataclass(frozen=True)
-class BufferFollows:
-    """A command produced a state buffer of ``size`` bytes; its descriptor follows."""
+class SlotWanted:
+    """The worker's first reply to `Pack`: the packed state needs ``size`` bytes."""
 
     size: int
 
@@ -266,9 +291,10 @@ class Failed:
     message: str
     param: str | None = None
     reason: str | None = None  # a CacheFormatError's tag
+    errno: int | None = None  # an OSError's errno (a pack that could not get memory)
 
 
-Reply = Ok | BufferFollows | Failed
+Reply = Ok | SlotWanted | Failed
 
 _REMOTE_ERRORS: dict[str, type[ModelError]] = {
     "InvalidRequestError": InvalidRequestError,

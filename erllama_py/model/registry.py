@@ -24,6 +24,7 @@ from erllama_py.errors import (
     ModelLoadError,
     ModelNotFoundError,
 )
+from erllama_py.model.arena import Arena
 from erllama_py.model.backend import BackendInfo
 from erllama_py.model.catalog import resolve_model
 from erllama_py.model.protocol import WorkerSpec
@@ -145,13 +146,19 @@ class ModelRegistry(SupervisedActor):
     """Loads and unloads models one at a time (see the module docstring)."""
 
     def __init__(
-        self, table: ModelTable, config: Config, cache: CacheHandle, registry: Registry
+        self,
+        table: ModelTable,
+        config: Config,
+        cache: CacheHandle,
+        registry: Registry,
+        arena: Arena,
     ) -> None:
         super().__init__()
         self.table = table
         self.config = config
         self.cache = cache
         self.registry = registry
+        self.arena = arena
 
     def load(self, settings: ModelSettings) -> BackendInfo:
         """Start a model's subtree (its worker loads the model); returns what it loaded.
@@ -174,6 +181,7 @@ class ModelRegistry(SupervisedActor):
             registry=self.registry,
             fingerprint=settings.fingerprint,
             max_queue=settings.max_queue,
+            arena=self.arena,
         )
         model_sup = self.registry.lookup(MODEL_SUP_NAME)
         assert isinstance(model_sup, pykka.ActorRef)

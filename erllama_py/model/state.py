@@ -12,6 +12,7 @@ from erllama_py.cache.handle import CacheHandle
 from erllama_py.cache.key import Namespace, ctx_params_hash
 from erllama_py.cache.policy import SavePolicy
 from erllama_py.kinds import Phase
+from erllama_py.model.arena import Arena
 from erllama_py.model.backend import BackendInfo
 from erllama_py.model.bufpool import BufferPool
 from erllama_py.model.protocol import WorkerSpec
@@ -67,6 +68,8 @@ class ModelState:
     unloading: bool = False
     fingerprint: bytes | None = None
     buffers: BufferPool = field(default_factory=BufferPool)
+    # The runtime's arena (shared by every model): packed states and promoted rows.
+    arena: Arena = field(default_factory=Arena)
     max_queue: int = 64
 
     @property

@@ -42,6 +42,7 @@ import mmap
 import os
 import struct
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Self
@@ -57,6 +58,8 @@ __all__ = [
     "KIND_STUB",
     "MAGIC",
     "VERSION",
+    "Allocate",
+    "PackTarget",
     "StateBuffer",
     "StateHeader",
     "buffer_address",
@@ -163,6 +166,22 @@ def logits_of(data: memoryview | bytes | bytearray, h: StateHeader) -> np.ndarra
     arr = np.frombuffer(data, dtype=np.float32, count=h.logits_len // 4, offset=HEADER_SIZE)
     arr.flags.writeable = False
     return arr
+
+
+@dataclass(frozen=True)
+class PackTarget:
+    """Where a backend packs a state: a writable view of exactly the packed size and the
+    address of its first byte (valid while `view` is). `release` drops the view."""
+
+    view: memoryview
+    address: int
+
+    def release(self) -> None:
+        self.view.release()
+
+
+Allocate = Callable[[int], PackTarget]
+"""Given a packed state's size, the place to pack it (a fresh buffer, an arena slot)."""
 
 
 def buffer_address(data: Any) -> tuple[int, Any]:
@@ -307,6 +326,23 @@ class StateBuffer:
         self._check()
         with contextlib.suppress(OSError):
             fcntl.fcntl(self._fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW)
+
+    def target(self, offset: int = 0, length: int | None = None) -> PackTarget:
+        """A `PackTarget` over ``[offset, offset + length)`` (default: to the end)."""
+        self._check()
+        end = self._size if length is None else offset + length
+        if offset < 0 or end > self._size or end <= offset:
+            raise ValueError("range outside the buffer")
+        return PackTarget(self.view()[offset:end], self._address + offset)
+
+    def discard(self, offset: int, length: int) -> None:
+        """Give the pages of ``[offset, offset + length)`` back to the kernel
+        (``MADV_REMOVE``: they read as zeros afterwards). Page-aligned ranges only."""
+        self._check()
+        if offset % mmap.PAGESIZE or length % mmap.PAGESIZE or offset + length > self._size:
+            raise ValueError("discard needs a page-aligned range inside the buffer")
+        with contextlib.suppress(OSError):  # a mapping that cannot remove keeps its pages
+            self._mmap.madvise(mmap.MADV_REMOVE, offset, length)
 
     def close(self) -> None:
         """Unmap and close the descriptors (idempotent).

@@ -60,6 +60,8 @@ from erllama_py.model.statebuf import (
     FLAG_LOGITS,
     HEADER_SIZE,
     KIND_STUB,
+    Allocate,
+    PackTarget,
     StateBuffer,
     StateHeader,
     encode_header,
@@ -379,6 +381,25 @@ class StubBackend:
 
     def pack(self, seq: int, allow_no_logits: bool = False, canonical: bool = False) -> StateBuffer:
         """Save ``seq``: its logits (see :func:`stub_logits`) and token list."""
+        made: list[StateBuffer] = []
+
+        def fresh(size: int) -> PackTarget:
+            made.append(StateBuffer.create(size))
+            return made[0].target()
+
+        try:
+            self.pack_into(seq, fresh, allow_no_logits, canonical)
+            made[0].seal()
+        except BaseException:
+            for buf in made:
+                buf.close()
+            raise
+        return made[0]
+
+    def pack_into(
+        self, seq: int, allocate: Allocate, allow_no_logits: bool = False, canonical: bool = False
+    ) -> int:
+        """`pack` into the place ``allocate(size)`` gives; returns the size."""
         st = self._seq(seq)
         if not st.has_logits and not allow_no_logits:
             raise InvalidRequestError(
@@ -393,19 +414,18 @@ class StubBackend:
             state_len=len(state),
             flags=FLAG_LOGITS if st.has_logits else 0,
         )
-        buf = StateBuffer.create(h.total_size)
+        target = allocate(h.total_size)
         try:
-            view = buf.view()
+            view = target.view
             view[:HEADER_SIZE] = encode_header(h)
             if st.has_logits:
                 lg = stub_logits(st.tokens, self._nv).tobytes()
                 view[HEADER_SIZE : HEADER_SIZE + h.logits_len] = lg
             view[h.state_offset : h.total_size] = state
-            buf.seal()
-        except BaseException:
-            buf.close()
-            raise
-        return buf
+            del view
+        finally:
+            target.release()
+        return h.total_size
 
     def unpack(self, seq: int, buf: StateBuffer | memoryview | bytes | bytearray) -> int:
         """Restore ``seq`` from a stub-packed buffer; CacheFormatError if malformed."""

@@ -10,15 +10,17 @@ process; the runtime sees the channel close and the supervisor restarts it.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import sys
 
 from erllama_py.errors import CacheFormatError, ErllamaError, ModelLoadError
+from erllama_py.model.arena import SlotRef
 from erllama_py.model.backend import Backend, Generate, Prefill
 from erllama_py.model.mapcache import MappingCache
 from erllama_py.model.protocol import (
     FD_MARK,
-    BufferFollows,
     ChatTemplate,
     ClearSeq,
     Command,
@@ -35,6 +37,9 @@ from erllama_py.model.protocol import (
     Reset,
     SamplerSpec,
     SeqLen,
+    SlotGranted,
+    SlotRefused,
+    SlotWanted,
     Step,
     Tokenize,
     TokenOut,
@@ -42,7 +47,7 @@ from erllama_py.model.protocol import (
     Unpack,
     WorkerSpec,
 )
-from erllama_py.model.statebuf import StateBuffer
+from erllama_py.model.statebuf import PackTarget, StateBuffer
 from supervisors import Channel
 
 __all__ = ["load_backend", "worker_main"]
@@ -82,7 +87,13 @@ def _failed(exc: Exception) -> Failed:
     if isinstance(exc, ErllamaError):
         reason = exc.reason if isinstance(exc, CacheFormatError) else None
         return Failed(type(exc).__name__, str(exc), getattr(exc, "param", None), reason)
+    if isinstance(exc, OSError):
+        return Failed(type(exc).__name__, str(exc), errno=exc.errno)
     return Failed(type(exc).__name__, repr(exc))  # a bug or a llama-cpp-python error
+
+
+class SlotRefusedError(Exception):
+    """The runtime had no arena slot for a pack."""
 
 
 class _Server:
@@ -91,6 +102,8 @@ class _Server:
         self.backend = backend
         self.samplers: set[int] = set()
         self.mappings = MappingCache()
+        # The runtime's arena segments this worker was sent, by id (a few; see arena.py).
+        self.segments: dict[int, StateBuffer] = {}
 
     def serve(self) -> None:
         while True:
@@ -98,36 +111,67 @@ class _Server:
                 command = self.channel.recv()
             except (EOFError, OSError):
                 return
-            buffer: StateBuffer | None = None
+            buffer: StateBuffer | memoryview | None = None
             try:
                 if isinstance(command, Unpack):
-                    buffer = self._receive_buffer(command.size)
+                    buffer = self._receive_buffer(command)
                 result = self.handle(command, buffer)
             except Exception as exc:  # reported to the caller; the worker keeps serving
                 self.channel.send(_failed(exc))
                 continue
             finally:
-                if buffer is not None and not self.mappings.owns(buffer):
+                if isinstance(buffer, memoryview):
+                    with contextlib.suppress(BufferError):  # an export the backend still holds
+                        buffer.release()
+                elif buffer is not None and not self.mappings.owns(buffer):
                     buffer.close()
-            if isinstance(result, StateBuffer):
-                self._send_buffer(result)
-            else:
-                self.channel.send(Ok(result))
+            self.channel.send(Ok(result))
 
-    def _receive_buffer(self, size: int) -> StateBuffer:
+    def _receive_buffer(self, command: Unpack) -> StateBuffer | memoryview:
+        if command.slot is not None:
+            segment = self._segment(command.slot)
+            slot = command.slot
+            return segment.view()[slot.offset : slot.offset + command.size]
         _data, fds = self.channel.recv_fds(len(FD_MARK), 1)
         if not fds:
             raise ModelLoadError("unpack: no descriptor received")
-        return self.mappings.open(fds[0], size)
+        return self.mappings.open(fds[0], command.size)
 
-    def _send_buffer(self, buffer: StateBuffer) -> None:
-        try:
-            self.channel.send(BufferFollows(buffer.size))
-            self.channel.send_fds(FD_MARK, [buffer.fd])
-        finally:
-            buffer.close()
+    def _segment(self, slot: SlotRef) -> StateBuffer:
+        """The mapping of the slot's segment (received now if its descriptor follows)."""
+        if slot.fd_follows:
+            _data, fds = self.channel.recv_fds(len(FD_MARK), 1)
+            if not fds:
+                raise OSError(errno.EMFILE, "no segment descriptor received")
+            old = self.segments.pop(slot.segment, None)
+            if old is not None:
+                with contextlib.suppress(BufferError):
+                    old.close()
+            self.segments[slot.segment] = StateBuffer.from_fd(
+                fds[0], slot.segment_size, writable=True, take_ownership=True
+            )
+        segment = self.segments.get(slot.segment)
+        if segment is None:
+            raise OSError(
+                errno.EBADF, f"arena segment {slot.segment} was never sent to this worker"
+            )
+        if slot.offset + slot.size > segment.size:
+            raise ValueError(f"slot {slot} outside its segment")
+        return segment
 
-    def handle(self, command: Command[object], buffer: StateBuffer | None) -> object:
+    def _slot(self, size: int) -> PackTarget:
+        """Ask the runtime for an arena slot of `size` bytes (see protocol.Pack)."""
+        self.channel.send(SlotWanted(size))
+        answer = self.channel.recv()
+        if isinstance(answer, SlotRefused):
+            raise SlotRefusedError(answer.reason)
+        assert isinstance(answer, SlotGranted), f"unexpected answer {answer!r}"
+        slot = answer.slot
+        if slot.size != size:
+            raise ValueError(f"granted {slot.size} bytes, {size} wanted")
+        return self._segment(slot).target(slot.offset, slot.size)
+
+    def handle(self, command: Command[object], buffer: StateBuffer | memoryview | None) -> object:
         b = self.backend
         match command:
             case Step():
@@ -145,7 +189,7 @@ class _Server:
                 b.free_sampler(sampler)
                 return None
             case Pack(seq, canonical):
-                return b.pack(seq, canonical=canonical)
+                return b.pack_into(seq, self._slot, canonical=canonical)
             case Unpack(seq):
                 assert buffer is not None
                 return b.unpack(seq, buffer)

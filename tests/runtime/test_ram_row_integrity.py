@@ -1,7 +1,8 @@
 """A RAM row whose bytes change after publication is never restored into a model.
 
 The runtime's counterpart of the damaged-file test in `test_faults.py`: a model saving
-to the RAM tier keeps its shared-memory state buffers there by reference, so a write
+to the RAM tier keeps its packed states there by reference (slots of the runtime's
+shared-memory arena, which the worker that packed them maps writable too), so a write
 through any mapping of one changes the row. The next request that would restore it
 finds the checksum wrong, drops the row, counts it, and runs cold.
 """
@@ -11,16 +12,21 @@ from __future__ import annotations
 from typing import Any
 
 from erllama_py import CacheHit, Runtime
+from erllama_py.model.arena import ArenaSlice
 from erllama_py.model.statebuf import StateBuffer
 
 
 def _change_every_ram_row(rt: Runtime) -> int:
-    """Flip one bit of every RAM row through a writable mapping of its own (the runtime's
-    mapping is read-only; the worker that packed the state had a writable one)."""
+    """Flip one bit of every RAM row through a writable mapping of its arena segment of
+    our own (as the worker that packed the state has one)."""
     entries = list(rt.cache.shared.ram.entries())
     for entry in entries:
-        with StateBuffer.from_fd(entry.payload.fd, entry.size, writable=True) as mapping:
-            mapping.view()[entry.size // 2] ^= 0x01
+        slot = entry.payload
+        assert isinstance(slot, ArenaSlice)
+        with StateBuffer.from_fd(slot.segment_fd, writable=True) as mapping:
+            view = mapping.view()
+            view[slot.offset + entry.size // 2] ^= 0x01
+            del view
     return len(entries)
 
 
