@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TypeVar, cast
 
@@ -120,6 +120,10 @@ def _kill(process: ProcessChild) -> None:
         process.close()
 
 
+def _nothing() -> bool:
+    return True
+
+
 class WorkerClient:
     """Calls one worker process. Thread-safe (one call at a time)."""
 
@@ -213,17 +217,33 @@ class WorkerClient:
                 raise self.crashed() from None
         return StateBuffer.from_fd(fds[0], reply.size, take_ownership=True)
 
-    def unpack(self, seq: int, buffer: StateBuffer, size: int | None = None) -> int:
+    def unpack(
+        self,
+        seq: int,
+        buffer: StateBuffer,
+        size: int | None = None,
+        meanwhile: Callable[[], bool] = _nothing,
+    ) -> tuple[int, bool]:
         """Restore a sequence from the first `size` bytes (default: all) of a shared
-        buffer; returns the tokens restored."""
+        buffer; returns the tokens restored and what `meanwhile` returned.
+
+        `meanwhile` runs in this thread while the worker restores (a checksum
+        of the buffer, say); the reply is read after it, even if it raises.
+        """
         with self._lock:
             try:
                 self.process.channel.send(Unpack(seq, buffer.size if size is None else size))
                 self.process.channel.send_fds(FD_MARK, [buffer.fd])
-                reply: Reply = self.process.channel.recv()
             except (EOFError, OSError):
                 raise self.crashed() from None
-        return cast(int, self._value(reply))
+            try:
+                verdict = meanwhile()
+            finally:
+                try:
+                    reply: Reply = self.process.channel.recv()
+                except (EOFError, OSError):
+                    raise self.crashed() from None
+        return cast(int, self._value(reply)), verdict
 
 
 def wait_until_dead(process: ProcessChild, timeout: float) -> bool:
