@@ -59,17 +59,17 @@ N_SEQ_MAX = 4  # our models' default
 class RawContext:
     """A llama.cpp context driven directly, configured like our worker's."""
 
-    def __init__(self) -> None:
+    def __init__(self, n_seq_max: int = N_SEQ_MAX) -> None:
         _L.llama_backend_init()
         with quiet():
             self.model = _L.llama_model_load_from_file(
                 os.fsencode(model_path()), _L.llama_model_default_params()
             )
         cp = _L.llama_context_default_params()
-        cp.n_ctx = N_CTX * N_SEQ_MAX
+        cp.n_ctx = N_CTX * n_seq_max
         cp.n_batch = N_BATCH
         cp.n_ubatch = N_BATCH
-        cp.n_seq_max = N_SEQ_MAX
+        cp.n_seq_max = n_seq_max
         cp.n_threads = N_THREADS
         cp.n_threads_batch = N_THREADS
         cp.swa_full = False
@@ -80,14 +80,44 @@ class RawContext:
         self.mem = _L.llama_get_memory(self.ctx)
         self.n_vocab = int(_L.llama_vocab_n_tokens(_L.llama_model_get_vocab(self.model)))
 
+    def decode(self, items: list[tuple[int, list[int]]], start: list[int]) -> list[int]:
+        """One llama_decode of each (seq, tokens) at positions from `start[seq]`; logits
+        for the last token of each: their batch rows, in order."""
+        rows: list[int] = []
+        n = sum(len(t) for _, t in items)
+        batch = _L.llama_batch_init(n, 0, 1)
+        try:
+            k = 0
+            for seq, toks in items:
+                for j, tok in enumerate(toks):
+                    batch.token[k] = tok
+                    batch.pos[k] = start[seq] + j
+                    batch.n_seq_id[k] = 1
+                    batch.seq_id[k][0] = seq
+                    batch.logits[k] = j == len(toks) - 1
+                    k += 1
+                rows.append(k - 1)
+                start[seq] += len(toks)
+            batch.n_tokens = n
+            rc = _L.llama_decode(self.ctx, batch)
+            assert rc == 0, rc
+        finally:
+            _L.llama_batch_free(batch)
+        return rows
+
+    def clear(self, seq: int) -> None:
+        _L.llama_memory_seq_rm(self.mem, seq, -1, -1)
+
+    def argmax(self, row: int) -> int:
+        ptr = _L.llama_get_logits_ith(self.ctx, row)
+        return int(np.argmax(np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))))
+
     def prefill(self, tokens: list[int]) -> tuple[Any, np.ndarray]:
         """Decode `tokens` into sequence 0; its state bytes and last logits (copies)."""
         _L.llama_memory_seq_rm(self.mem, 0, -1, -1)
+        start = [0]
         for i in range(0, len(tokens), N_BATCH):
-            chunk = tokens[i : i + N_BATCH]
-            arr = (_L.llama_token * len(chunk))(*chunk)
-            rc = _L.llama_decode(self.ctx, _L.llama_batch_get_one(arr, len(chunk)))
-            assert rc == 0, rc
+            self.decode([(0, tokens[i : i + N_BATCH])], start)
         ptr = _L.llama_get_logits_ith(self.ctx, -1)
         logits = np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy()
         size = int(_L.llama_state_seq_get_size(self.ctx, 0))
