@@ -309,6 +309,28 @@ class CacheHandle:
         self.count_load(view.nbytes, copied=view.nbytes)
         return target[: view.nbytes].toreadonly()
 
+    def load_ram_unverified(self, claim: Claim) -> memoryview | None:
+        """A claimed RAM row's payload, without a copy and not yet verified: the
+        caller runs `verify` before it samples anything from a state restored from it
+        (the check may run while the restore does). None if the row is gone."""
+        assert claim.kind == "ram"
+        entry = self.shared.ram.get(claim.key)
+        if entry is None:
+            self.shared.counters.incr("load_misses")
+            return None
+        view = entry.view()
+        self.count_load(view.nbytes, copied=0)
+        return view
+
+    def verify(self, claim: Claim, view: memoryview) -> bool:
+        """Whether `view` (from `load_ram_unverified`) has the row's checksum; a row that
+        does not is removed and counted as `load` does with a corrupt one."""
+        if claim.checksum is None or payload_checksum(view) == claim.checksum:
+            return True
+        self._meta.tell.remove_corrupt(claim.key, claim.tier, "checksum_mismatch")
+        self.shared.counters.incr("load_misses")
+        return False
+
     def count_load(self, nbytes: int, *, copied: int) -> None:
         """Count `nbytes` of payload loaded, `copied` of them copied on the way
         (``loaded_bytes``, ``load_bytes_copied``); for callers that copy a loaded view."""

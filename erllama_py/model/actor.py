@@ -512,14 +512,17 @@ class ModelActor(SupervisedActor):
         if save and r.context and wanted:
             cold = r.prefill_only and r.hit is HitKind.COLD
             r.finish_key = self.cache.save(r, SaveReason.COLD if cold else SaveReason.FINISH)
-        self._release(r)
         if r in self.active:
             self.active.remove(r)
         self.shared.obs.requests_done += 1
+        # The caller has its result before the worker frees the sampler and clears the
+        # sequence (two round trips): nothing in the result depends on them, and the
+        # sequence is free again before this tick admits anything.
         if r.timed_out:
             r.sink.fail(self._timeout_error(r))
         else:
             r.sink.finish(self._result(r))
+        self._release(r)
 
     def _release(self, r: RequestState) -> None:
         """Free the request's sampler and sequence (the sequence is cleared)."""

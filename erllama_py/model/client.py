@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TypeVar, cast
 
@@ -121,6 +121,10 @@ def _kill(process: ProcessChild) -> None:
     process.wait(5.0)
     with contextlib.suppress(OSError):
         process.close()
+
+
+def _nothing() -> bool:
+    return True
 
 
 class WorkerClient:
@@ -256,9 +260,19 @@ class WorkerClient:
             self.process.channel.send_fds(FD_MARK, [slot.segment_fd])
             self._segments_sent.add(slot.segment_id)
 
-    def unpack(self, seq: int, buffer: StateBuffer | ArenaSlice, size: int | None = None) -> int:
+    def unpack(
+        self,
+        seq: int,
+        buffer: StateBuffer | ArenaSlice,
+        size: int | None = None,
+        meanwhile: Callable[[], bool] = _nothing,
+    ) -> tuple[int, bool]:
         """Restore a sequence from the first `size` bytes (default: all) of a shared
-        buffer or an arena slot; returns the tokens restored.
+        buffer or an arena slot; returns the tokens restored and what `meanwhile`
+        returned.
+
+        `meanwhile` runs in this thread while the worker restores (a checksum
+        of the buffer, say); the reply is read after it, even if it raises.
 
         Raises:
             WorkerCrashedError: the worker died.
@@ -278,13 +292,19 @@ class WorkerClient:
                 else:
                     self.process.channel.send(Unpack(seq, n))
                     self.process.channel.send_fds(FD_MARK, [buffer.fd])
-                reply: Reply = self.process.channel.recv()
             except (EOFError, OSError):
                 raise self.crashed() from None
+            try:
+                verdict = meanwhile()
+            finally:
+                try:
+                    reply: Reply = self.process.channel.recv()
+                except (EOFError, OSError):
+                    raise self.crashed() from None
         if isinstance(reply, Failed) and reply.errno is not None:
             self._segments_sent.clear()  # resend descriptors: the worker may lack one
             raise OSError(reply.errno, f"worker: {reply.message}")
-        return cast(int, self._value(reply))
+        return cast(int, self._value(reply)), verdict
 
 
 def wait_until_dead(process: ProcessChild, timeout: float) -> bool:

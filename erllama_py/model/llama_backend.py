@@ -120,6 +120,7 @@ from erllama_py.model.jinja_chat import (
     supports_tools,
 )
 from erllama_py.model.llama_chat import render_builtin
+from erllama_py.model.llama_grammar import GrammarStats
 from erllama_py.model.llama_sampler import Chain, SamplerChains, grammar_text
 from erllama_py.model.llama_vocab import Vocab
 from erllama_py.model.statebuf import (
@@ -223,6 +224,7 @@ class LlamaBackend:
         info: BackendInfo,
         n_threads: int,
         flash_attn: bool,
+        grammar_first: bool = False,
     ) -> None:
         """Take ownership of a loaded model and context; use :meth:`load`."""
         self._model = model
@@ -237,7 +239,9 @@ class LlamaBackend:
         self._nv = info.n_vocab
         self._eog = frozenset(info.eog)
         self._seqs = [_Seq() for _ in range(info.n_seq_max)]
-        self._samplers = SamplerChains(self._vocab.ptr, ctx, info.n_vocab, info.name)
+        self._samplers = SamplerChains(
+            self._vocab.ptr, ctx, info.n_vocab, info.name, grammar_first=grammar_first
+        )
         self._embed_ctx: Any = None
 
         nb = info.n_batch
@@ -270,6 +274,7 @@ class LlamaBackend:
         n_gpu_layers: int = 0,
         chat_template_fallback: str | None = None,
         full_fingerprint: bool = False,
+        grammar_first: bool = False,
     ) -> LlamaBackend:
         """Load a GGUF model and create its context.
 
@@ -289,6 +294,8 @@ class LlamaBackend:
         up to 0.9 after a restore past 512 tokens; exactly equal without it).
         ``n_threads`` defaults to the CPUs this process may run on.
         ``full_fingerprint`` hashes the whole file instead of its header and ends.
+        ``grammar_first`` applies grammars to the whole vocabulary before every
+        constrained draw (the slow reference of `erllama_py.model.llama_sampler`).
         ``chat_template_fallback`` is the llama.cpp built-in template name (or
         template text) used when the GGUF has no template; by default it is
         chosen from the architecture (:data:`CHAT_FALLBACKS`). Raises
@@ -378,7 +385,14 @@ class LlamaBackend:
                 _L.llama_free(ctx)
             _L.llama_model_free(model)
             raise
-        return cls(model, ctx, info=info, n_threads=threads, flash_attn=flash_attn)
+        return cls(
+            model,
+            ctx,
+            info=info,
+            n_threads=threads,
+            flash_attn=flash_attn,
+            grammar_first=grammar_first,
+        )
 
     @property
     def info(self) -> BackendInfo:
@@ -494,6 +508,11 @@ class LlamaBackend:
     def free_sampler(self, sampler: int) -> None:
         """Free a sampler; freeing an id twice is a no-op, an id never issued raises."""
         self._samplers.free(sampler)
+
+    @property
+    def grammar_stats(self) -> GrammarStats:
+        """Counters of the grammar cache and of constrained draws (live, not a copy)."""
+        return self._samplers.grammar_stats
 
     @property
     def n_samplers(self) -> int:

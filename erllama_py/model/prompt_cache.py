@@ -20,8 +20,10 @@ exactly as a cold run of the same prompt.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import time
+from collections.abc import Callable
 from concurrent.futures import Future
 
 from erllama_py.cache.key import encode_tokens
@@ -50,6 +52,11 @@ __all__ = ["PromptCache", "Deferred"]
 log = logging.getLogger("erllama_py.model")
 PREFIX_CANDIDATES = 16  # rows looked at for a prefix hit
 PREFIX_ATTEMPTS = 3  # restores tried before going cold (a row may fail to load)
+
+
+def _verified() -> bool:
+    """The check of a payload `load` verified already."""
+    return True
 
 
 class Deferred(Exception):
@@ -207,17 +214,29 @@ class PromptCache:
                 must_equal is not None and claim.tokens != must_equal
             ):
                 return False
-            buffer, owned, size = self._payload(claim)
+            buffer, owned, size, verify = self._payload(claim)
             if buffer is None:
                 return False
+            verdicts: list[bool] = []
+
+            def check() -> bool:
+                verdicts.append(verify())
+                return verdicts[-1]
+
             try:
-                restored = self.client.unpack(r.seq, buffer, size)
+                # The checksum runs here while the worker restores; nothing is sampled
+                # from the sequence before both are done, and a mismatch clears it.
+                restored, verified = self.client.unpack(r.seq, buffer, size, check)
             except CacheFormatError as exc:
-                log.warning("row %s does not restore (%s); dropping it", key.hex(), exc.reason)
-                self.cache.drop(claim, exc.reason)
+                if all(verdicts):  # a corrupt payload was dropped as such already
+                    log.warning("row %s does not restore (%s); dropping it", key.hex(), exc.reason)
+                    self.cache.drop(claim, exc.reason)
                 return False
             except OSError as exc:  # the worker could not map it: the row is sound, go cold
                 log.info("row %s not restored: %s", key.hex(), exc)
+                self.client.clear_seq(r.seq)
+                return False
+            if not verified:
                 self.client.clear_seq(r.seq)
                 return False
             if restored != claim.n_tokens or (
@@ -236,25 +255,30 @@ class PromptCache:
 
     def _payload(
         self, claim: Claim
-    ) -> tuple[StateBuffer | ArenaSlice | None, StateBuffer | ArenaSlice | None, int]:
+    ) -> tuple[
+        StateBuffer | ArenaSlice | None, StateBuffer | ArenaSlice | None, int, Callable[[], bool]
+    ]:
         """The shared buffer to hand to the worker, the one we own (to give back, close
-        or promote), and the payload's size."""
+        or promote), the payload's size, and the check to run before sampling from it."""
         if claim.kind is TierKind.RAM:
-            view = self.cache.load(claim)  # verifies the checksum; no copy
-            if view is None:
-                return None, None, 0
             stored = self.cache.ram_payload(claim)
             if isinstance(stored, ArenaSlice | StateBuffer) and not stored.closed:
-                return stored, None, view.nbytes
+                view = self.cache.load_ram_unverified(claim)  # no copy
+                if view is None:
+                    return None, None, 0, _verified
+                return stored, None, view.nbytes, functools.partial(self.cache.verify, claim, view)
+            view = self.cache.load(claim)  # verifies the checksum; no copy
+            if view is None:
+                return None, None, 0, _verified
             # A row saved through the cache API (bytes, not a shared buffer): one copy.
             try:
                 copy = self.shared.arena.allocate(view.nbytes)
             except OSError as exc:  # no room to hand it over: serve this request cold
                 log.info("row %s not restored: %s", claim.key.hex(), exc)
-                return None, None, 0
+                return None, None, 0, _verified
             copy.view()[:] = view
             self.cache.count_load(0, copied=view.nbytes)
-            return copy, copy, view.nbytes
+            return copy, copy, view.nbytes, _verified
         promote = self.cache.promotes_on_hit
         holder: list[StateBuffer | ArenaSlice] = []
 
@@ -273,10 +297,10 @@ class PromptCache:
         if loaded is None:
             for buffer in holder:
                 self._give_back(buffer)
-            return None, None, 0
+            return None, None, 0, _verified
         size = loaded.nbytes
         del loaded
-        return holder[0], holder[0], size
+        return holder[0], holder[0], size, _verified
 
     def _give_back(self, buffer: StateBuffer | ArenaSlice) -> None:
         if isinstance(buffer, ArenaSlice):

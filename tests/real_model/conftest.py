@@ -221,3 +221,9 @@ def real(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RealModel]:
     finally:
         rt.stop()
         shutil.rmtree(ram_file, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def real_model_path() -> Path:
+    """The GGUF under test, for tests that drive a backend directly."""
+    return model_path()
