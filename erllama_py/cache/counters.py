@@ -55,6 +55,8 @@ COUNTER_NAMES: tuple[str, ...] = (
     "save_bytes_copied",
     "loaded_bytes",
     "load_bytes_copied",
+    "foreign_refused",
+    "saves_redirected",
 )
 
 _GAUGES = frozenset({"bytes_ram", "bytes_ramfile", "bytes_disk"})
@@ -111,6 +113,10 @@ class CounterSnapshot:
     save_bytes_copied: int = 0
     loaded_bytes: int = 0
     load_bytes_copied: int = 0
+    # A lookup (parent_key, or any claim) found a row of another namespace: not restored.
+    foreign_refused: int = 0
+    # A row larger than its tier's whole quota, saved in the next tier that can hold it.
+    saves_redirected: int = 0
     tiers: tuple[TierStats, ...] = field(default=())
 
     def since(self, before: CounterSnapshot) -> CounterSnapshot:

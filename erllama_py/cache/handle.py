@@ -447,8 +447,9 @@ class CacheHandle:
 
     def mark_stopped(self) -> None:
         """The tree this cache ran in has stopped: every later call raises
-        `RuntimeStoppedError`."""
+        `RuntimeStoppedError`; the tier roots are free for another runtime."""
         self.shared.stopped = True
+        self.shared.roots.release()
 
     def stop(self, timeout: float = 30.0) -> None:
         """Stop the cache's actors (waiting for saves in flight), if this handle started them."""
@@ -459,6 +460,7 @@ class CacheHandle:
         if self._sup is not None and self._sup.is_alive():
             self._sup.stop(block=True, timeout=timeout)
         self.shared.stopped = True
+        self.shared.roots.release()
 
     def __enter__(self) -> CacheHandle:
         return self
