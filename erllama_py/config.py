@@ -69,6 +69,8 @@ DEFAULT_MIN_EVICT_BYTES = 1024 * 1024
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8080
 DEFAULT_MAX_QUEUE = 64  # waiting requests per model before 429
+DEFAULT_DEADLINE_FLOOR_S = 120.0  # a worker call is never taken as hung sooner than this
+DEFAULT_DEADLINE_FACTOR = 20.0  # times the time the call's work should take at measured speed
 DEFAULT_REQUEST_TIMEOUT_S = 600.0
 DEFAULT_MAX_BODY_MB = 64  # a request body over this is refused (413)
 DEFAULT_SHUTDOWN_TIMEOUT_S = 30.0  # running requests may finish this long on a stop
@@ -253,6 +255,10 @@ class ModelSettings:
     fingerprint: bytes | None = None
     stub: Mapping[str, int | float] = field(default_factory=dict)
     max_queue: int = DEFAULT_MAX_QUEUE  # requests waiting for a sequence; more are refused
+    # A worker call that takes longer than max(floor, factor x its tokens x the measured
+    # time per token) is taken as hung: the worker is killed and restarted.
+    deadline_floor_s: float = DEFAULT_DEADLINE_FLOOR_S
+    deadline_factor: float = DEFAULT_DEADLINE_FACTOR
 
 
 @dataclass(frozen=True)
@@ -579,6 +585,10 @@ def parse_model(raw: object, path: str, policy: SavePolicy, cache: CacheSettings
         fingerprint=_fingerprint(s),
         stub=_stub(s.get("stub"), s.key("stub")),
         max_queue=s.get_int("max_queue", DEFAULT_MAX_QUEUE, minimum=1),
+        deadline_floor_s=s.get_float(
+            "deadline_floor_s", DEFAULT_DEADLINE_FLOOR_S, minimum=0.0, strict_minimum=True
+        ),
+        deadline_factor=s.get_float("deadline_factor", DEFAULT_DEADLINE_FACTOR, minimum=1.0),
     )
     s.done()
     return settings

@@ -10,6 +10,9 @@ exit code or signal as soon as the channel closes (no polling).
 from __future__ import annotations
 
 import contextlib
+import logging
+import socket
+import struct
 import threading
 import time
 from collections.abc import Sequence
@@ -17,7 +20,8 @@ from pathlib import Path
 from typing import TypeVar, cast
 
 from erllama_py.errors import ModelLoadError, WorkerCrashedError
-from erllama_py.model.backend import BackendInfo
+from erllama_py.model.backend import BackendInfo, Prefill
+from erllama_py.model.deadline import WorkerDeadline
 from erllama_py.model.protocol import (
     FD_MARK,
     BufferFollows,
@@ -52,6 +56,7 @@ from supervisors import ProcessChild
 
 __all__ = ["WorkerClient", "log_tail", "start_worker"]
 
+log = logging.getLogger("erllama_py.model")
 R = TypeVar("R")
 WORKER_TARGET = "erllama_py.model.worker:worker_main"
 DEFAULT_LOAD_TIMEOUT_S = 120.0
@@ -120,14 +125,51 @@ def _kill(process: ProcessChild) -> None:
         process.close()
 
 
-class WorkerClient:
-    """Calls one worker process. Thread-safe (one call at a time)."""
+class _Hung(Exception):
+    """The worker did not answer within the call's deadline."""
 
-    def __init__(self, model: str, process: ProcessChild, info: BackendInfo) -> None:
+
+def _set_socket_timeouts(sock: socket.socket, seconds: float) -> None:
+    # Kernel-level send/receive timeouts (not socket.settimeout, which would make the
+    # descriptor non-blocking for the Connection sharing it): a send into a stopped
+    # worker's full socket buffer, or a reply cut off mid-message, ends with EAGAIN.
+    whole = int(seconds)
+    value = struct.pack("ll", whole, int((seconds - whole) * 1_000_000))
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, value)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, value)
+
+
+def _work(command: Command[object]) -> int:
+    """Tokens a command decodes: what its deadline scales with (0: the floor)."""
+    if isinstance(command, Step):
+        return sum(len(op.tokens) if isinstance(op, Prefill) else 1 for op in command.ops)
+    if isinstance(command, Embed):
+        return len(command.tokens)
+    return 0
+
+
+class WorkerClient:
+    """Calls one worker process. Thread-safe (one call at a time).
+
+    Every call has a deadline (`WorkerDeadline`): a worker that does not answer in
+    time is taken as hung, killed (its supervisor restarts it), and the call raises
+    `WorkerCrashedError` with ``hung_s`` set.
+    """
+
+    def __init__(
+        self,
+        model: str,
+        process: ProcessChild,
+        info: BackendInfo,
+        deadline: WorkerDeadline | None = None,
+    ) -> None:
         self.model = model
         self.process = process
         self.info = info
+        self.deadline = deadline or WorkerDeadline()
         self._lock = threading.Lock()
+        _set_socket_timeouts(process.channel.socket, self.deadline.floor_s)
 
     @property
     def pid(self) -> int:
@@ -138,20 +180,46 @@ class WorkerClient:
         self.process.wait(1.0)
         return WorkerCrashedError(self.model, self.process.exitcode)
 
+    def _kill_hung(self, deadline_s: float) -> WorkerCrashedError:
+        log.warning(
+            "model %s: context worker %d did not answer within %g s; killing it",
+            self.model,
+            self.process.pid,
+            deadline_s,
+        )
+        with contextlib.suppress(ProcessLookupError, OSError):
+            self.process.kill()
+        self.process.wait(5.0)
+        return WorkerCrashedError(self.model, self.process.exitcode, hung_s=deadline_s)
+
+    def _await_reply(self, deadline_s: float) -> Reply:
+        if not self.process.channel.poll(deadline_s):
+            raise _Hung
+        reply: Reply = self.process.channel.recv()
+        return reply
+
     def call(self, command: Command[R]) -> R:
         """Send a command, return its result.
 
         Raises:
-            WorkerCrashedError: the worker died (before or during the call).
+            WorkerCrashedError: the worker died (before or during the call), or it
+                missed the call's deadline and was killed (``hung_s`` set).
             InvalidRequestError, ContextOverflowError, CacheFormatError, ModelError:
                 the worker refused it.
         """
+        tokens = _work(command)
+        deadline_s = self.deadline.for_work(tokens)
         with self._lock:
+            started = time.monotonic()
             try:
                 self.process.channel.send(command)
-                reply: Reply = self.process.channel.recv()
+                reply = self._await_reply(deadline_s)
+            except (_Hung, BlockingIOError):  # no answer, or a send/receive timed out
+                raise self._kill_hung(deadline_s) from None
             except (EOFError, OSError):
                 raise self.crashed() from None
+        if isinstance(command, Step):
+            self.deadline.record(tokens, time.monotonic() - started)
         return cast(R, self._value(reply))
 
     def _value(self, reply: Reply) -> object:
@@ -201,14 +269,17 @@ class WorkerClient:
 
     def pack(self, seq: int, canonical: bool = False) -> StateBuffer:
         """Save a sequence into a new shared buffer (its pages are the worker's: no copy)."""
+        deadline_s = self.deadline.for_work()
         with self._lock:
             try:
                 self.process.channel.send(Pack(seq, canonical))
-                reply: Reply = self.process.channel.recv()
+                reply = self._await_reply(deadline_s)
                 if not isinstance(reply, BufferFollows):
                     self._value(reply)
                     raise AssertionError("pack replied without a buffer")
                 _data, fds = self.process.channel.recv_fds(len(FD_MARK), 1)
+            except (_Hung, BlockingIOError):  # no answer, or a send/receive timed out
+                raise self._kill_hung(deadline_s) from None
             except (EOFError, OSError):
                 raise self.crashed() from None
         return StateBuffer.from_fd(fds[0], reply.size, take_ownership=True)
@@ -216,11 +287,14 @@ class WorkerClient:
     def unpack(self, seq: int, buffer: StateBuffer, size: int | None = None) -> int:
         """Restore a sequence from the first `size` bytes (default: all) of a shared
         buffer; returns the tokens restored."""
+        deadline_s = self.deadline.for_work()
         with self._lock:
             try:
                 self.process.channel.send(Unpack(seq, buffer.size if size is None else size))
                 self.process.channel.send_fds(FD_MARK, [buffer.fd])
-                reply: Reply = self.process.channel.recv()
+                reply = self._await_reply(deadline_s)
+            except (_Hung, BlockingIOError):  # no answer, or a send/receive timed out
+                raise self._kill_hung(deadline_s) from None
             except (EOFError, OSError):
                 raise self.crashed() from None
         return cast(int, self._value(reply))

@@ -14,6 +14,7 @@ from erllama_py.cache.policy import SavePolicy
 from erllama_py.kinds import Phase
 from erllama_py.model.backend import BackendInfo
 from erllama_py.model.bufpool import BufferPool
+from erllama_py.model.deadline import WorkerDeadline
 from erllama_py.model.protocol import WorkerSpec
 from erllama_py.results import CacheHit
 from supervisors import Registry
@@ -46,6 +47,7 @@ class ModelObs:
     last_cache_hit: CacheHit | None = None
     requests_done: int = 0
     tokens_generated: int = 0
+    worker_hangs: int = 0  # workers killed for missing a call's deadline
 
 
 @dataclass
@@ -68,6 +70,7 @@ class ModelState:
     fingerprint: bytes | None = None
     buffers: BufferPool = field(default_factory=BufferPool)
     max_queue: int = 64
+    deadline: WorkerDeadline = field(default_factory=WorkerDeadline)
 
     @property
     def info(self) -> BackendInfo:
