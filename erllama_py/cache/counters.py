@@ -75,7 +75,8 @@ class TierStats:
     hits: int
     evictions: int
     promotions: int
-    demotions: int
+    demotions: int  # rows evicted from this tier and sent on to a slower one
+    demotions_in: int = 0  # rows evicted from a faster tier and saved in this one
 
 
 @dataclass(frozen=True)

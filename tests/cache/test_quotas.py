@@ -214,7 +214,8 @@ def test_pinned_rows_are_never_evicted_while_the_tier_churns(
 def test_a_row_larger_than_its_tier_quota_is_refused_with_payload_too_large(
     make_cache: Any, ns: Namespace, roots: dict[str, Path], kind: str
 ) -> None:
-    cache = make_cache(**{kind: 64 * KB})
+    # Every tier that small: no slower tier can take the row instead (see test_demotion_chain).
+    cache = make_cache(ram=64 * KB, ram_file=64 * KB, disk=64 * KB)
     small = cache.save(ns, [1], payload(10 * KB, 1), tier=kind)
     with pytest.raises(PayloadTooLargeError) as caught:
         cache.save(ns, [2], bytes(64 * KB + 1), tier=kind)
