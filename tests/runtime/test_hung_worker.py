@@ -13,7 +13,6 @@ from __future__ import annotations
 import os
 import signal
 import threading
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -28,12 +27,12 @@ PROMPT = "a b c d e f"
 
 
 @pytest.fixture
-def hung_rt(make_runtime: Any, load: Any) -> Iterator[Runtime]:
+def hung_rt(make_runtime: Any, load: Any) -> Runtime:
     rt = make_runtime()
     load(rt, "stub", "quick", deadline_floor_s=FLOOR_S, stub={"step_delay": 0.01})
     # A long floor: only the request's own timeout can end a request on it in time.
     load(rt, "stub", "patient", deadline_floor_s=600.0)
-    yield rt
+    return rt
 
 
 def _pid(rt: Runtime, name: str) -> int:
@@ -59,7 +58,7 @@ def test_a_stopped_worker_is_killed_its_request_fails_typed_and_the_model_serves
     watcher = threading.Thread(target=watch_phases)
     watcher.start()
     try:
-        with pytest.raises(WorkerCrashedError) as caught:
+        with pytest.raises(WorkerCrashedError) as caught:  # noqa: PT012
             for event in m.stream(PROMPT, max_tokens=100_000):
                 if isinstance(event, Delta) and event.tokens:
                     os.kill(before, signal.SIGSTOP)  # mid-generation: a step never answers
