@@ -367,3 +367,25 @@ def test_tier_roots_are_created(tmp_path: Path) -> None:
     raw["cache"]["tiers"][1]["root"] = str(tmp_path / "a" / "b")
     check_tier_roots(parse_config(raw).cache)
     assert (tmp_path / "a" / "b").is_dir()
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "reason"),
+    [
+        ("deadline_floor_s", 0, "must be > 0, got 0"),
+        ("deadline_floor_s", "soon", "must be a number, got 'soon'"),
+        ("deadline_factor", 0.5, "must be >= 1, got 0.5"),
+    ],
+)
+def test_worker_deadlines_are_validated(key: str, value: object, reason: str) -> None:
+    raw = _base()
+    raw["models"][0][key] = value
+    err = _error(raw)
+    assert (err.key, err.reason) == (f"models[0].{key}", reason)
+
+
+def test_worker_deadlines_default_to_the_shipped_values() -> None:
+    shipped = load_config(REPO / "sys.yaml").models[0]
+    model = parse_config(_base()).models[0]
+    assert (model.deadline_floor_s, model.deadline_factor) == (120.0, 20.0)
+    assert (shipped.deadline_floor_s, shipped.deadline_factor) == (120.0, 20.0)

@@ -32,9 +32,14 @@ GRACE_S = 2.0
 class _Entry:
     due: float
     seq: int
-    request: Request = field(compare=False)
+    # Dropped as soon as the request ends: a waiting entry must not keep its runtime alive.
+    request: Request | None = field(compare=False)
     model: str = field(compare=False)
-    cancel: Callable[[], None] = field(compare=False)
+    cancel: Callable[[], None] | None = field(compare=False)
+
+    def forget(self, _future: object = None) -> None:
+        self.request = None
+        self.cancel = None
 
 
 class _Watchdog:
@@ -49,6 +54,7 @@ class _Watchdog:
         if deadline is None:
             return
         entry = _Entry(deadline + GRACE_S, next(self._ids), request, model, cancel)
+        request.sink.future.add_done_callback(entry.forget)
         with self._cond:
             heapq.heappush(self._heap, entry)
             if self._thread is None:
@@ -73,8 +79,8 @@ class _Watchdog:
 
     @staticmethod
     def _expire(entry: _Entry) -> None:
-        request = entry.request
-        if request.sink.done:
+        request, cancel = entry.request, entry.cancel
+        if request is None or cancel is None or request.sink.done:
             return
         timeout = request.options.timeout_s or 0.0
         request.sink.fail(
@@ -86,7 +92,7 @@ class _Watchdog:
             )
         )
         try:
-            entry.cancel()
+            cancel()
         except Exception:  # the model may be gone; the caller has its answer
             return
 
