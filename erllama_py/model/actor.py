@@ -142,7 +142,10 @@ class ModelActor(SupervisedActor):
         client = WorkerClient(self.name, handle, self.shared.info, self.shared.deadline)
         try:
             client.reset()
-        except WorkerCrashedError:
+        except WorkerCrashedError as exc:
+            if exc.hung_s is not None:  # it never answered: killed, its successor comes next
+                self._hung = True
+                self.shared.obs.worker_hangs += 1
             return False  # it died before we could use it; its successor comes next
         self.client = client
         self._hung = False

@@ -125,19 +125,23 @@ def _kill(process: ProcessChild) -> None:
         process.close()
 
 
-class _Hung(Exception):
-    """The worker did not answer within the call's deadline."""
-
-
-def _set_socket_timeouts(sock: socket.socket, seconds: float) -> None:
-    # Kernel-level send/receive timeouts (not socket.settimeout, which would make the
-    # descriptor non-blocking for the Connection sharing it): a send into a stopped
-    # worker's full socket buffer, or a reply cut off mid-message, ends with EAGAIN.
+def _timeval(seconds: float) -> bytes:
     whole = int(seconds)
-    value = struct.pack("ll", whole, int((seconds - whole) * 1_000_000))
-    with contextlib.suppress(OSError):
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, value)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, value)
+    return struct.pack("ll", whole, int((seconds - whole) * 1_000_000))
+
+
+def _set_socket_timeout(sock: socket.socket, option: int, seconds: float) -> None:
+    """A kernel-level timeout on the channel's socket (not socket.settimeout, which would
+    make the descriptor non-blocking for the Connection sharing it): a send into a stopped
+    worker's full socket buffer, or a reply that does not come, ends with EAGAIN.
+
+    The reply is awaited by the blocking read itself, never by a poll followed by a read:
+    when the worker dies, its supervisor closes this channel and starts a successor whose
+    socket may reuse the descriptor's number, and a read issued after that would wait on
+    the successor's socket. A read already blocked when the worker dies sees EOF at once.
+    """
+    with contextlib.suppress(OSError):  # a closed channel: the call itself then fails
+        sock.setsockopt(socket.SOL_SOCKET, option, _timeval(seconds))
 
 
 def _work(command: Command[object]) -> int:
@@ -169,7 +173,7 @@ class WorkerClient:
         self.info = info
         self.deadline = deadline or WorkerDeadline()
         self._lock = threading.Lock()
-        _set_socket_timeouts(process.channel.socket, self.deadline.floor_s)
+        _set_socket_timeout(process.channel.socket, socket.SO_SNDTIMEO, self.deadline.floor_s)
 
     @property
     def pid(self) -> int:
@@ -192,9 +196,11 @@ class WorkerClient:
         self.process.wait(5.0)
         return WorkerCrashedError(self.model, self.process.exitcode, hung_s=deadline_s)
 
-    def _await_reply(self, deadline_s: float) -> Reply:
-        if not self.process.channel.poll(deadline_s):
-            raise _Hung
+    def _arm(self, deadline_s: float) -> None:
+        """Bound every read of the coming call's reply by its deadline."""
+        _set_socket_timeout(self.process.channel.socket, socket.SO_RCVTIMEO, deadline_s)
+
+    def _await_reply(self) -> Reply:
         reply: Reply = self.process.channel.recv()
         return reply
 
@@ -212,9 +218,10 @@ class WorkerClient:
         with self._lock:
             started = time.monotonic()
             try:
+                self._arm(deadline_s)
                 self.process.channel.send(command)
-                reply = self._await_reply(deadline_s)
-            except (_Hung, BlockingIOError):  # no answer, or a send/receive timed out
+                reply = self._await_reply()
+            except BlockingIOError:  # no answer within the deadline (or a send timed out)
                 raise self._kill_hung(deadline_s) from None
             except (EOFError, OSError):
                 raise self.crashed() from None
@@ -272,13 +279,16 @@ class WorkerClient:
         deadline_s = self.deadline.for_work()
         with self._lock:
             try:
+                self._arm(deadline_s)
                 self.process.channel.send(Pack(seq, canonical))
-                reply = self._await_reply(deadline_s)
+                reply = self._await_reply()
                 if not isinstance(reply, BufferFollows):
                     self._value(reply)
                     raise AssertionError("pack replied without a buffer")
                 _data, fds = self.process.channel.recv_fds(len(FD_MARK), 1)
-            except (_Hung, BlockingIOError):  # no answer, or a send/receive timed out
+                if not fds:  # the worker died between its reply and the descriptor
+                    raise EOFError
+            except BlockingIOError:  # no answer within the deadline (or a send timed out)
                 raise self._kill_hung(deadline_s) from None
             except (EOFError, OSError):
                 raise self.crashed() from None
@@ -290,10 +300,11 @@ class WorkerClient:
         deadline_s = self.deadline.for_work()
         with self._lock:
             try:
+                self._arm(deadline_s)
                 self.process.channel.send(Unpack(seq, buffer.size if size is None else size))
                 self.process.channel.send_fds(FD_MARK, [buffer.fd])
-                reply = self._await_reply(deadline_s)
-            except (_Hung, BlockingIOError):  # no answer, or a send/receive timed out
+                reply = self._await_reply()
+            except BlockingIOError:  # no answer within the deadline (or a send timed out)
                 raise self._kill_hung(deadline_s) from None
             except (EOFError, OSError):
                 raise self.crashed() from None
