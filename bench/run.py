@@ -37,6 +37,7 @@ BENCHMARKS: list[tuple[str, list[str], list[str], int]] = [
     ("prefix_agreement", [], ["--pairs", "6"], 5400),
     ("cache_io", [], [], 1800),
     ("trie_bench", [], [], 600),
+    ("agent_replay", [], ["--turns", "3", "--system-words", "400", "--tool-words", "60"], 3600),
 ]
 PRINT_ONLY = {"trie_bench"}
 

@@ -21,7 +21,13 @@ import uuid
 from collections.abc import Awaitable, Callable, MutableMapping, Sequence
 from typing import Any
 
-from erllama_py.server.errors import Failure, error_body
+from erllama_py.server.errors import (
+    Failure,
+    anthropic_error_body,
+    anthropic_status,
+    error_body,
+    is_anthropic,
+)
 from erllama_py.server.metrics import Metrics
 
 __all__ = ["ApiKeys", "BodyLimit", "RequestContext"]
@@ -36,14 +42,19 @@ access_log = logging.getLogger("erllama_py.server.access")
 OPEN_PATHS = ("/health", "/health/ready")
 
 
-async def _send_failure(send: Send, failure: Failure, request_id: str | None = None) -> None:
-    body = json.dumps(error_body(failure)).encode()
+async def _send_failure(send: Send, failure: Failure, scope: Scope | None = None) -> None:
+    path = str(scope.get("path", "")) if scope is not None else ""
+    request_id = scope.get("state", {}).get("request_id") if scope is not None else None
+    status = failure.status
+    if is_anthropic(path):
+        body = json.dumps(anthropic_error_body(failure, request_id)).encode()
+        status = anthropic_status(status)
+    else:
+        body = json.dumps(error_body(failure)).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
     if failure.status == 401:
         headers.append((b"www-authenticate", b'Bearer realm="erllama-py"'))
-    if request_id:
-        headers.append((b"x-request-id", request_id.encode()))
-    await send({"type": "http.response.start", "status": failure.status, "headers": headers})
+    await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
 
 
@@ -72,12 +83,16 @@ class RequestContext:
         status = 500
         raw_id = request_id.encode("latin-1", errors="replace")
 
+        anthropic = is_anthropic(str(scope.get("path", "")))
+
         async def send_with_id(message: Message) -> None:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = int(message["status"])
                 headers = list(message.get("headers", ()))
                 headers.append((b"x-request-id", raw_id))
+                if anthropic:  # what Anthropic's SDKs read
+                    headers.append((b"request-id", raw_id))
                 message["headers"] = headers
             await send(message)
 
@@ -136,8 +151,9 @@ class ApiKeys:
         if scope.get("method") == "OPTIONS" or self._allowed(scope):
             await self.app(scope, receive, send)
             return
-        message = "a valid API key is required (Authorization: Bearer <key>)"
-        await _send_failure(send, Failure(401, "invalid_request_error", message, "invalid_api_key"))
+        message = "a valid API key is required (Authorization: Bearer <key>, or x-api-key)"
+        failure = Failure(401, "invalid_request_error", message, "invalid_api_key")
+        await _send_failure(send, failure, scope)
 
 
 class BodyLimit:
@@ -157,7 +173,7 @@ class BodyLimit:
             return
         length = _header(scope, b"content-length")
         if length is not None and length.isdigit() and int(length) > self.max_bytes:
-            await _send_failure(send, self._failure())
+            await _send_failure(send, self._failure(), scope)
             return
         if length is not None:
             await self.app(scope, receive, send)
@@ -172,7 +188,7 @@ class BodyLimit:
             chunk = bytes(message.get("body", b""))
             seen += len(chunk)
             if seen > self.max_bytes:
-                await _send_failure(send, self._failure())
+                await _send_failure(send, self._failure(), scope)
                 return
             chunks.append(chunk)
             if not message.get("more_body", False):

@@ -35,6 +35,7 @@ from erllama_py.model_handle import ModelHandle
 from erllama_py.params import ChatMessage, CompletionOptions
 from erllama_py.results import Completion, Delta, Done, ModelInfo, TokenLogprob
 from erllama_py.server import openai_schemas as wire
+from erllama_py.server import openai_tools
 from erllama_py.server.context import ServerContext, server_context
 from erllama_py.server.errors import ApiError, Failure, error_body, failure_of
 from erllama_py.streams import AsyncEventStream
@@ -142,9 +143,15 @@ def _flatten(messages: Sequence[wire.ChatMessageIn]) -> list[ChatMessage]:
                     raise _bad(f"{param}: {part.type} content is not supported (text only)", param)
                 texts.append(part.text)
             content = "".join(texts)
+        # OpenAI's newer name for the system role, which chat templates do not know.
+        role = "system" if m.role == "developer" else m.role
+        message: ChatMessage = {"role": role, "content": content or ""}
         if m.tool_calls:
-            raise _bad("tool calls are not supported yet", f"messages[{i}].tool_calls")
-        message: ChatMessage = {"role": m.role, "content": content or ""}
+            message["tool_calls"] = [
+                {"id": c.id, "type": "function",
+                 "function": {"name": c.function.name, "arguments": c.function.arguments}}
+                for c in m.tool_calls
+            ]  # fmt: skip
         if m.name is not None:
             message["name"] = m.name
         if m.tool_call_id is not None:
@@ -289,9 +296,16 @@ async def chat_completions(
         raise _bad("top_logprobs needs logprobs: true", "top_logprobs")
     logprobs = (top or 0) if body.logprobs else None
     options = _options(body, ctx, max_tokens, logprobs)
-    prompt = _Prompt(messages=_flatten(body.messages))
+    messages = _flatten(body.messages)
+    prompt = _Prompt(messages=messages)
     created = int(time.time())
     completion_id = f"chatcmpl-{secrets.token_hex(12)}"
+    job = openai_tools.tool_job(body, ctx, messages, options)
+    if job is not None:
+        return await openai_tools.respond_with_tools(
+            job, ctx=ctx, body=body, info=info, completion_id=completion_id, created=created,
+            fingerprint=_fingerprint(info), guard=lambda work: _unless_disconnected(request, work),
+        )  # fmt: skip
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return await _chat_stream(
