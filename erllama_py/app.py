@@ -73,13 +73,17 @@ def start_tree(config: Config) -> Tree:
                 name=PRESSURE_NAME,
             )
         )
-    root = Supervisor.start(
-        ROOT_NAME,
-        strategy="one_for_one",
-        intensity=restart.intensity,
-        period=restart.period_s,
-        children=children,
-        registry=registry,
-    )
+    try:
+        root = Supervisor.start(
+            ROOT_NAME,
+            strategy="one_for_one",
+            intensity=restart.intensity,
+            period=restart.period_s,
+            children=children,
+            registry=registry,
+        )
+    except BaseException:
+        cache_shared.roots.release()
+        raise
     cache_shared.index()
     return Tree(root=root, registry=registry, cache=cache, models=table, arena=arena)

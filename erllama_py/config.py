@@ -69,6 +69,8 @@ DEFAULT_MIN_EVICT_BYTES = 1024 * 1024
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8080
 DEFAULT_MAX_QUEUE = 64  # waiting requests per model before 429
+DEFAULT_DEADLINE_FLOOR_S = 120.0  # a worker call is never taken as hung sooner than this
+DEFAULT_DEADLINE_FACTOR = 20.0  # times the time the call's work should take at measured speed
 DEFAULT_REQUEST_TIMEOUT_S = 600.0
 DEFAULT_MAX_BODY_MB = 64  # a request body over this is refused (413)
 DEFAULT_SHUTDOWN_TIMEOUT_S = 30.0  # running requests may finish this long on a stop
@@ -106,12 +108,15 @@ class SavePolicy:
             (use :func:`validate_policy` for another key path).
     """
 
-    min_tokens: int | None = 512  # tokens; floor of every gated save; None = never save
-    cold_min_tokens: int = 512  # tokens; shortest prompt that gets a cold save
+    # The defaults are those of the shipped sys.yaml (one set of defaults; a test checks
+    # they agree). erllama's own are 512, 512, 30000, 2048, 32, 2048, 500: with them a
+    # prompt shorter than 512 tokens is never cached.
+    min_tokens: int | None = 64  # tokens; floor of every gated save; None = never save
+    cold_min_tokens: int = 64  # tokens; shortest prompt that gets a cold save
     cold_max_tokens: int = 30000  # tokens; longest prompt that gets a cold save
-    continued_interval: int = 2048  # tokens generated between continued saves
-    boundary_trim_tokens: int = 32  # tokens dropped from a cold save's tail before aligning
-    boundary_align_tokens: int = 2048  # tokens; cold-save alignment and longest-prefix stride
+    continued_interval: int = 512  # tokens generated between continued saves
+    boundary_trim_tokens: int = 0  # tokens dropped from a cold save's tail before aligning
+    boundary_align_tokens: int = 1  # tokens; cold-save alignment and longest-prefix stride
     session_resume_wait_ms: int = 500  # ms to wait for an in-flight save of a parent key
 
     def __post_init__(self) -> None:
@@ -260,6 +265,10 @@ class ModelSettings:
     fingerprint: bytes | None = None
     stub: Mapping[str, int | float] = field(default_factory=dict)
     max_queue: int = DEFAULT_MAX_QUEUE  # requests waiting for a sequence; more are refused
+    # A worker call that takes longer than max(floor, factor x its tokens x the measured
+    # time per token) is taken as hung: the worker is killed and restarted.
+    deadline_floor_s: float = DEFAULT_DEADLINE_FLOOR_S
+    deadline_factor: float = DEFAULT_DEADLINE_FACTOR
 
 
 @dataclass(frozen=True)
@@ -485,6 +494,33 @@ def _tier(raw: object, path: str) -> TierSettings:
     return TierSettings(kind=kind, quota_bytes=quota_mb * MB, root=root)
 
 
+def _check_tiers(tiers: Sequence[TierSettings]) -> None:
+    """At most one RAM tier, and no two file tiers on one folder or one inside another
+    (both would index the same files and delete each other's)."""
+    ram: int | None = None
+    roots: list[tuple[int, Path]] = []
+    for i, tier in enumerate(tiers):
+        if tier.root is None:
+            if ram is not None:
+                raise ConfigError(
+                    f"cache.tiers[{i}].kind", f"at most one ram tier (cache.tiers[{ram}] is one)"
+                )
+            ram = i
+            continue
+        root = Path(os.path.realpath(tier.root))
+        for j, other in roots:
+            if root == other:
+                why = f"is the folder of cache.tiers[{j}] ({other}); each tier needs its own"
+            elif root.is_relative_to(other):
+                why = f"{root} is inside the root of cache.tiers[{j}] ({other})"
+            elif other.is_relative_to(root):
+                why = f"{root} holds the root of cache.tiers[{j}] ({other})"
+            else:
+                continue
+            raise ConfigError(f"cache.tiers[{i}].root", why)
+        roots.append((i, root))
+
+
 def _cache(raw: object) -> CacheSettings:
     s = _Section(raw, "cache")
     if s.has("tiers"):
@@ -495,18 +531,7 @@ def _cache(raw: object) -> CacheSettings:
     else:
         s.get("tiers")
         tiers = _default_tiers()
-    names: dict[str, int] = {}
-    ram_count = 0
-    for i, tier in enumerate(tiers):
-        if tier.name in names:
-            raise ConfigError(
-                f"cache.tiers[{i}].root",
-                f"duplicates cache.tiers[{names[tier.name]}] ({tier.name})",
-            )
-        names[tier.name] = i
-        ram_count += tier.kind == "ram"
-    if ram_count > 1:
-        raise ConfigError("cache.tiers", "at most one ram tier")
+    _check_tiers(tiers)
     settings = CacheSettings(
         tiers=tiers,
         writers=s.get_int("writers", DEFAULT_WRITERS, minimum=1),
@@ -574,6 +599,10 @@ def parse_model(raw: object, path: str, policy: SavePolicy, cache: CacheSettings
         fingerprint=_fingerprint(s),
         stub=_stub(s.get("stub"), s.key("stub")),
         max_queue=s.get_int("max_queue", DEFAULT_MAX_QUEUE, minimum=1),
+        deadline_floor_s=s.get_float(
+            "deadline_floor_s", DEFAULT_DEADLINE_FLOOR_S, minimum=0.0, strict_minimum=True
+        ),
+        deadline_factor=s.get_float("deadline_factor", DEFAULT_DEADLINE_FACTOR, minimum=1.0),
     )
     s.done()
     return settings
@@ -761,6 +790,12 @@ def load_config(
         return source
     if isinstance(source, Mapping):
         return parse_config(source)
+    if not isinstance(source, str | os.PathLike):
+        raise ConfigError(
+            "<root>",
+            "a config is a sys.yaml path, a mapping or a Config, "
+            f"got {type(source).__name__} {source!r}",
+        )
     path = Path(source)
     try:
         text = path.read_text(encoding="utf-8")

@@ -193,8 +193,10 @@ class WorkerCrashedError(ModelError):
     """The context worker process died while serving this request.
 
     ``exitcode`` is the exit status, or ``-signal`` when a signal killed it
-    (``signal_name`` then names it). The worker is restarted by its supervisor;
-    resubmit the request.
+    (``signal_name`` then names it). ``hung_s`` is set when the worker did not
+    answer a call within its deadline of that many seconds (a wedged llama.cpp
+    call, a stopped process): the runtime then killed it. The worker is
+    restarted by its supervisor; resubmit the request.
     """
 
     def __init__(
@@ -202,10 +204,20 @@ class WorkerCrashedError(ModelError):
         model: str,
         exitcode: int | None,
         request_id: str | None = None,
+        *,
+        hung_s: float | None = None,
     ) -> None:
         self.exitcode = exitcode
         self.request_id = request_id
+        self.hung_s = hung_s
         self.signal_name: str | None = None
+        if hung_s is not None:
+            super().__init__(
+                f"context worker of model {model!r} hung: no answer within its deadline of "
+                f"{hung_s:g} s; it was killed and is being restarted",
+                model,
+            )
+            return
         if exitcode is not None and exitcode < 0:
             try:
                 self.signal_name = signal.Signals(-exitcode).name

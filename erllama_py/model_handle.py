@@ -47,6 +47,7 @@ from erllama_py.model.request import (
     TokenPrompt,
 )
 from erllama_py.model.state import actor_name, sup_name
+from erllama_py.model.watchdog import watch
 from erllama_py.params import ChatMessage, CompletionOptions, Tool, parse_options
 from erllama_py.results import CacheHit, Completion, ModelInfo, WorkerStatus
 from erllama_py.streams import POLL_S, AsyncEventStream, EventStream
@@ -322,6 +323,7 @@ class ModelHandle:
             worker=worker,
             worker_starts=shared.worker_starts,
             loaded_at=shared.loaded_at,
+            worker_hangs=obs.worker_hangs,
         )
 
     async def ainfo(self) -> ModelInfo:
@@ -357,15 +359,19 @@ class ModelHandle:
 
     def _ask(self, fn: Callable[[ModelActor], T]) -> T:
         """Run `fn` on the model actor and wait for its answer (never a Pykka error)."""
+        # Longer than a hung worker takes to be noticed (its deadline, once for the call
+        # in progress and once for this one) and replaced (ACTOR_WAIT_S).
+        floor = self._core.tree.models.live(self._name).shared.deadline.floor_s
+        timeout = max(CALL_TIMEOUT_S, 2 * floor + ACTOR_WAIT_S)
         try:
-            result = cast(T, self._actor().ask(Call(fn), timeout=CALL_TIMEOUT_S))
+            result = cast(T, self._actor().ask(Call(fn), timeout=timeout))
         except pykka.ActorDeadError:
             raise ModelFailedError(
                 f"model {self._name!r} stopped during the call", self._name
             ) from None
         except pykka.Timeout:
             raise ModelError(
-                f"model {self._name!r} did not answer within {CALL_TIMEOUT_S:g} s", self._name
+                f"model {self._name!r} did not answer within {timeout:g} s", self._name
             ) from None
         return result
 
@@ -461,14 +467,18 @@ class ModelHandle:
             actor.tell(Submit(request))
         except pykka.ActorDeadError:
             raise ModelFailedError(f"model {self._name!r} is not running", self._name) from None
+        watch(request, self._name, lambda: self._tell_cancel(request))
         return request
+
+    def _tell_cancel(self, request: Request) -> None:
+        with contextlib.suppress(ErllamaError, pykka.ActorDeadError):
+            self._actor().tell(Cancel(request.id))
 
     def _cancel(self, request: Request) -> None:
         # A cancelled future (asyncio cancels the future it wraps) still needs the actor told.
         if request.sink.done and not request.sink.future.cancelled():
             return
-        with contextlib.suppress(ErllamaError, pykka.ActorDeadError):
-            self._actor().tell(Cancel(request.id))
+        self._tell_cancel(request)
 
     def _wait(self, request: Request) -> Completion:
         future = request.sink.future

@@ -225,10 +225,13 @@ class CompletionOptions(TypedDict, total=False):
     16 sequences; the text stops before them), the sampling fields of
     `SamplingParams` (or a whole ``sampling`` object, which the individual
     fields then override), ``parent_key`` (the ``finish_key`` of the turn this
-    prompt continues), ``timeout`` (seconds for the whole request; on expiry it
-    ends with `RequestTimeoutError`), ``logprobs`` (report each generated
-    token's log-probability and the ``logprobs`` most likely alternatives,
-    0 to 20; None: none) and ``require_room`` (raise `ContextOverflowError`
+    prompt continues; a key of another model or context shape, or one that is
+    not a prefix of the prompt, is treated as absent: the prompt goes through the
+    normal lookup, and a foreign row is counted in ``foreign_refused``),
+    ``timeout`` (seconds for the whole request; on expiry it ends with
+    `RequestTimeoutError`, even when the worker stopped answering), ``logprobs``
+    (report each generated token's log-probability and the ``logprobs`` most
+    likely alternatives, 0 to 20; None: none) and ``require_room`` (raise `ContextOverflowError`
     unless the prompt plus ``max_tokens`` fit the context, as OpenAI's API
     does; by default generation stops where the context ends).
     """

@@ -252,6 +252,7 @@ class ModelInfo:
     worker: WorkerStatus
     worker_starts: int
     loaded_at: float
+    worker_hangs: int = 0  # workers killed for missing a call's deadline (phase ``hung``)
 
     def to_dict(self) -> dict[str, JSON]:
         out: dict[str, JSON] = {

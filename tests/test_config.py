@@ -203,13 +203,65 @@ def test_duplicate_tier_roots_are_rejected() -> None:
     raw["cache"]["tiers"].append(copy.deepcopy(raw["cache"]["tiers"][1]))
     err = _error(raw)
     assert err.key == "cache.tiers[2].root"
-    assert "duplicates cache.tiers[1]" in err.reason
+    assert "is the folder of cache.tiers[1]" in err.reason
 
 
-def test_two_ram_tiers_are_rejected() -> None:
+def test_two_ram_tiers_are_rejected_under_the_second_ones_kind() -> None:
     raw = _base()
     raw["cache"]["tiers"].append({"kind": "ram"})
-    assert _error(raw).key in ("cache.tiers", "cache.tiers[2].root")
+    err = _error(raw)
+    assert (err.key, err.reason) == (
+        "cache.tiers[2].kind",
+        "at most one ram tier (cache.tiers[0] is one)",
+    )
+
+
+@pytest.mark.parametrize(
+    ("first", "second", "reason"),
+    [
+        ("/tmp/erllama-shared", "/tmp/erllama-shared", "is the folder of cache.tiers[1]"),
+        ("/tmp/erllama-shared", "/tmp/erllama-shared/../erllama-shared/", "is the folder of"),
+        ("/tmp/erllama-outer", "/tmp/erllama-outer/inner", "is inside the root of cache.tiers[1]"),
+        ("/tmp/erllama-outer/inner", "/tmp/erllama-outer", "holds the root of cache.tiers[1]"),
+    ],
+)
+def test_two_file_tiers_on_one_folder_or_nested_are_rejected(
+    first: str, second: str, reason: str
+) -> None:
+    raw = _base()
+    raw["cache"]["tiers"] = [
+        {"kind": "ram"},
+        {"kind": "ram_file", "root": first},
+        {"kind": "disk", "root": second},
+    ]
+    err = _error(raw)
+    assert err.key == "cache.tiers[2].root"
+    assert reason in err.reason
+
+
+def test_sibling_tier_roots_are_accepted() -> None:
+    raw = _base()
+    raw["cache"]["tiers"] = [
+        {"kind": "ram"},
+        {"kind": "ram_file", "root": "/tmp/erllama-a"},
+        {"kind": "disk", "root": "/tmp/erllama-ab"},  # a common name prefix is not nesting
+    ]
+    assert len(parse_config(raw).cache.tiers) == 3
+
+
+def test_a_config_without_a_policy_section_gets_the_shipped_sys_yaml_policy() -> None:
+    shipped = load_config(REPO / "sys.yaml").policy
+    assert parse_config({}).policy == shipped
+    assert load_config(None).policy == shipped
+    assert SavePolicy() == shipped
+
+
+@pytest.mark.parametrize("source", [[1, 2], 42, b"sys.yaml"])
+def test_a_config_that_is_not_a_path_or_mapping_is_a_config_error(source: object) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_config(source)  # type: ignore[arg-type]
+    assert caught.value.key == "<root>"
+    assert type(source).__name__ in caught.value.reason
 
 
 def test_empty_tier_list_is_rejected() -> None:
@@ -315,6 +367,28 @@ def test_tier_roots_are_created(tmp_path: Path) -> None:
     raw["cache"]["tiers"][1]["root"] = str(tmp_path / "a" / "b")
     check_tier_roots(parse_config(raw).cache)
     assert (tmp_path / "a" / "b").is_dir()
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "reason"),
+    [
+        ("deadline_floor_s", 0, "must be > 0, got 0"),
+        ("deadline_floor_s", "soon", "must be a number, got 'soon'"),
+        ("deadline_factor", 0.5, "must be >= 1, got 0.5"),
+    ],
+)
+def test_worker_deadlines_are_validated(key: str, value: object, reason: str) -> None:
+    raw = _base()
+    raw["models"][0][key] = value
+    err = _error(raw)
+    assert (err.key, err.reason) == (f"models[0].{key}", reason)
+
+
+def test_worker_deadlines_default_to_the_shipped_values() -> None:
+    shipped = load_config(REPO / "sys.yaml").models[0]
+    model = parse_config(_base()).models[0]
+    assert (model.deadline_floor_s, model.deadline_factor) == (120.0, 20.0)
+    assert (shipped.deadline_floor_s, shipped.deadline_factor) == (120.0, 20.0)
 
 
 def test_daemon_files_default_to_the_users_runtime_and_state_folders(monkeypatch) -> None:

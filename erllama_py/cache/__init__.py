@@ -65,6 +65,10 @@ def start(config: CacheSettings | Config | Mapping[str, object] | None = None) -
     else:
         settings = load_config({"cache": dict(config or {})}).cache
     shared = CacheState(settings=settings, registry=Registry())
-    sup = start_cache_sup(shared)
+    try:
+        sup = start_cache_sup(shared)
+    except BaseException:
+        shared.roots.release()
+        raise
     shared.index()
     return CacheHandle(shared, sup)

@@ -20,7 +20,7 @@ class Drop:
 
 @dataclass(frozen=True)
 class Demote:
-    """Move this RAM row's payload to a slower tier (one of `targets`, in order)."""
+    """Move this row's payload to a slower tier (the first of `targets` with room)."""
 
     row: Row
     targets: tuple[str, ...]

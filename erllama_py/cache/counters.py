@@ -62,6 +62,8 @@ COUNTER_NAMES: tuple[str, ...] = (
     "save_failed_not_writable",
     "save_failed_root_missing",
     "save_failed_io_error",
+    "foreign_refused",
+    "saves_redirected",
 )
 
 _GAUGES = frozenset({"bytes_ram", "bytes_ramfile", "bytes_disk"})
@@ -80,7 +82,8 @@ class TierStats:
     hits: int
     evictions: int
     promotions: int
-    demotions: int
+    demotions: int  # rows evicted from this tier and sent on to a slower one
+    demotions_in: int = 0  # rows evicted from a faster tier and saved in this one
 
 
 @dataclass(frozen=True)
@@ -124,6 +127,10 @@ class CounterSnapshot:
     save_failed_not_writable: int = 0
     save_failed_root_missing: int = 0
     save_failed_io_error: int = 0
+    # A lookup (parent_key, or any claim) found a row of another namespace: not restored.
+    foreign_refused: int = 0
+    # A row larger than its tier's whole quota, saved in the next tier that can hold it.
+    saves_redirected: int = 0
     tiers: tuple[TierStats, ...] = field(default=())
 
     def since(self, before: CounterSnapshot) -> CounterSnapshot:

@@ -23,6 +23,7 @@ from typing import Any
 
 from erllama_py.cache import kvc
 from erllama_py.cache.key import key_hex
+from erllama_py.cache.rootlock import LOCK_NAME
 from erllama_py.cache.rows import Row
 from erllama_py.config import TierSettings
 from erllama_py.errors import CacheFormatError
@@ -218,6 +219,8 @@ class FileStore:
         except FileNotFoundError:
             return 0, 0
         for entry in entries:
+            if entry.name == LOCK_NAME:  # the runtime's root lock (cache/rootlock.py)
+                continue
             try:
                 size = entry.stat(follow_symlinks=False).st_size
             except FileNotFoundError:

@@ -18,6 +18,7 @@ import pykka
 
 from erllama_py.cache import kvc
 from erllama_py.cache.counters import CounterSnapshot, TierStats
+from erllama_py.cache.index import CacheIndex
 from erllama_py.cache.key import Namespace, TokenInput, encode_tokens, make_key_encoded, prefix_keys
 from erllama_py.cache.meta_client import MetaClient
 from erllama_py.cache.payload import Payload, payload_checksum, payload_view
@@ -81,7 +82,9 @@ class CacheHandle:
         """
         token_bytes = tokens if isinstance(tokens, bytes) else encode_tokens(tokens)
         index = self.shared.index()
-        tier_name = index.resolve_tier(tier or index.tier_names[0])
+        tier_name = self._tier_that_holds(
+            index, index.resolve_tier(tier or index.tier_names[0]), payload
+        )
         job = SaveJob(
             namespace=namespace,
             tokens=token_bytes,
@@ -99,6 +102,17 @@ class CacheHandle:
         else:
             key = submit_reserved(self.shared, job)
         return SaveTicket(key=key, tier=tier_name, future=job.future)
+
+    def _tier_that_holds(self, index: CacheIndex, tier: str, payload: Payload) -> str:
+        """`tier`, or the first slower tier whose quota can hold the payload when `tier`'s
+        whole quota cannot (counted in ``saves_redirected``); `tier` if none can."""
+        size = payload_view(payload).nbytes
+        for candidate in (tier, *index.slower_tiers(tier)):
+            if size <= index.tier_settings(candidate).quota_bytes:
+                if candidate != tier:
+                    self.shared.counters.incr("saves_redirected")
+                return candidate
+        return tier
 
     def save(
         self,
@@ -420,6 +434,7 @@ class CacheHandle:
                     evictions=index.tier_counts(tier)[1],
                     promotions=index.tier_counts(tier)[2],
                     demotions=index.tier_counts(tier)[3],
+                    demotions_in=index.demotions_in(tier),
                 )
                 for tier in index.tier_names
             )
@@ -469,8 +484,9 @@ class CacheHandle:
 
     def mark_stopped(self) -> None:
         """The tree this cache ran in has stopped: every later call raises
-        `RuntimeStoppedError`."""
+        `RuntimeStoppedError`; the tier roots are free for another runtime."""
         self.shared.stopped = True
+        self.shared.roots.release()
 
     def stop(self, timeout: float = 30.0) -> None:
         """Stop the cache's actors (waiting for saves in flight), if this handle started them."""
@@ -482,6 +498,7 @@ class CacheHandle:
             self._sup.stop(block=True, timeout=timeout)
         self.shared.stopped = True
         self.shared.ram.clear()
+        self.shared.roots.release()
 
     def __enter__(self) -> CacheHandle:
         return self

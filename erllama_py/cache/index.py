@@ -98,6 +98,7 @@ class CacheIndex:
         self._tier_evictions: dict[str, int] = dict.fromkeys(self._order, 0)
         self._tier_promotions: dict[str, int] = dict.fromkeys(self._order, 0)
         self._tier_demotions: dict[str, int] = dict.fromkeys(self._order, 0)
+        self._tier_demotions_in: dict[str, int] = dict.fromkeys(self._order, 0)
 
     # ------------------------------------------------------------------ tiers
 
@@ -220,6 +221,14 @@ class CacheIndex:
             self._tier_promotions[tier],
             self._tier_demotions[tier],
         )
+
+    def demotions_in(self, tier: str) -> int:
+        """Rows demoted into `tier` from a faster one since start."""
+        return self._tier_demotions_in[tier]
+
+    def count_demotion_in(self, tier: str) -> None:
+        """A row evicted from a faster tier was saved in `tier`."""
+        self._tier_demotions_in[tier] += 1
 
     def count_promotion(self, tier: str) -> None:
         """A row was promoted into `tier`."""
@@ -467,7 +476,8 @@ class CacheIndex:
 
     def evict_bytes(self, target: int, tiers: Iterable[str] | None = None) -> list[Action]:
         """Evict least recently used unpinned rows, oldest first across `tiers`, until
-        at least `target` bytes are freed. RAM rows are demoted when demotion is on."""
+        at least `target` bytes are freed. Rows are demoted to the slower tiers when
+        demotion is on."""
         if target <= 0:
             return []
         names = self._order if tiers is None else tuple(self.resolve_tier(t) for t in tiers)
@@ -613,7 +623,9 @@ class CacheIndex:
     def _evict(self, row: Row) -> Action:
         self._uninstall(row)
         self._tier_evictions[row.tier] += 1
-        if self._demote and row.kind == "ram":
+        # Any tier's row moves on to the slower tiers (RAM -> ram_file -> disk); a file row
+        # needs its file, which the meta actor maps before deleting it.
+        if self._demote and (row.kind == "ram" or row.path is not None):
             targets = self.slower_tiers(row.tier)
             if targets:
                 self._tier_demotions[row.tier] += 1

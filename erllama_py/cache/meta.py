@@ -24,6 +24,7 @@ from typing import Any
 import pykka
 
 from erllama_py.cache.actions import Action, Adopt, Demote, Drop, PersistHits, RemoveTemp
+from erllama_py.cache.demotion import MappedRow
 from erllama_py.cache.index import CacheIndex
 from erllama_py.cache.key import key_hex
 from erllama_py.cache.publish import SaveJob
@@ -342,7 +343,15 @@ class MetaActor(SupervisedActor):
         elif row.path is not None:
             self.shared.files[row.tier].delete(row.path)
 
+    def count_demotion_in(self, tier: str) -> None:
+        """A writer saved a demoted row in `tier` (per-tier ``demotions_in``)."""
+        with self._index.lock:
+            self._index.count_demotion_in(tier)
+
     def _demote(self, action: Demote) -> None:
+        if action.row.kind != "ram":
+            self._demote_file(action)
+            return
         entry = self.shared.ram.pop(action.row.key)
         if entry is None:
             return
@@ -356,6 +365,36 @@ class MetaActor(SupervisedActor):
             owns_payload=True,
             demotion=True,
             checksum=entry.checksum,
+        )
+        submit_unreserved(self.shared, job)
+
+    def _demote_file(self, action: Demote) -> None:
+        """Map the evicted file row's payload, delete its file, queue its save further on."""
+        row = action.row
+        store = self.shared.files[row.tier]
+        assert row.path is not None
+        try:
+            payload = MappedRow.open(row.path, row.key)
+        except CacheFormatError as exc:
+            self.shared.counters.incr("corrupt_files")
+            log.warning("cache: evicted row %s is corrupt (%s); dropped", row.path, exc.reason)
+            store.delete(row.path)
+            return
+        except OSError as exc:
+            log.info("cache: evicted row %s cannot be read (%s); dropped", row.path, exc)
+            store.delete(row.path)
+            return
+        store.delete(row.path)  # the mapping keeps the bytes until the writer is done
+        job = SaveJob(
+            namespace=row.namespace,
+            tokens=row.tokens,
+            payload=payload,
+            reason=row.reason,
+            tier=action.targets[0],
+            fallback_tiers=action.targets[1:],
+            owns_payload=True,
+            demotion=True,
+            checksum=payload.header.payload_checksum,
         )
         submit_unreserved(self.shared, job)
 

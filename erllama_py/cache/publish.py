@@ -163,6 +163,8 @@ def run_save(
                 last_error = exc
                 continue
             _count(result, job, counters)
+            if job.demotion and result.status != "already_present":
+                meta.count_demotion_in(result.tier)
             return result
         assert last_error is not None
         raise last_error

@@ -18,6 +18,7 @@ from erllama_py.cache.counters import Counters
 from erllama_py.cache.filestore import FileStore
 from erllama_py.cache.index import CacheIndex
 from erllama_py.cache.ramstore import RamStore
+from erllama_py.cache.rootlock import RootLocks
 from erllama_py.config import CacheSettings
 from erllama_py.errors import RuntimeStoppedError
 from supervisors import Registry
@@ -45,6 +46,8 @@ class CacheState:
     ram: RamStore = field(default_factory=RamStore)
     counters: Counters = field(default_factory=Counters)
     files: dict[str, FileStore] = field(default_factory=dict)
+    # Held from the first start of cache_sup until the cache stops (one runtime per root).
+    roots: RootLocks = field(default_factory=RootLocks)
     _writers: dict[str, str] = field(default_factory=dict)
     stopped: bool = False
     _index: CacheIndex | None = None

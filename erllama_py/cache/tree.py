@@ -62,10 +62,12 @@ def start_cache_sup(shared: CacheState) -> pykka.ActorRef[Any]:
     """Validate the cache settings that touch the machine, then start the subtree.
 
     Raises:
-        ConfigError: a tier root cannot be created or written.
+        ConfigError: a tier root cannot be created or written, or another runtime
+            holds it (`RootLocks`).
     """
     settings = shared.settings
     check_tier_roots(settings)
+    shared.roots.acquire(settings)
     children = [
         ChildSpec(id=META_NAME, start=lambda: MetaActor.start(shared), name=META_NAME),
     ]

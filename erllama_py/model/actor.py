@@ -100,6 +100,7 @@ class ModelActor(SupervisedActor):
         self._tick_queued = False
         self._deferred = False
         self._timer: threading.Timer | None = None
+        self._hung = False  # the last worker was killed for missing a deadline
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -138,12 +139,16 @@ class ModelActor(SupervisedActor):
         handle = self.shared.registry.whereis(worker_name(self.name))
         if not isinstance(handle, ProcessChild) or not handle.alive:
             return False
-        client = WorkerClient(self.name, handle, self.shared.info)
+        client = WorkerClient(self.name, handle, self.shared.info, self.shared.deadline)
         try:
             client.reset()
-        except WorkerCrashedError:
+        except WorkerCrashedError as exc:
+            if exc.hung_s is not None:  # it never answered: killed, its successor comes next
+                self._hung = True
+                self.shared.obs.worker_hangs += 1
             return False  # it died before we could use it; its successor comes next
         self.client = client
+        self._hung = False
         self.cache = PromptCache(self.shared, client)
         self.free = list(range(client.info.n_seq_max))
         return True
@@ -279,8 +284,8 @@ class ModelActor(SupervisedActor):
     def _tick(self) -> None:
         self._expire()  # also while there is no worker: queued requests time out as usual
         if not self._connect():
-            if self.pending or self.active:
-                self._schedule(RECONNECT_S)
+            if self.pending or self.active or self._hung:
+                self._schedule(RECONNECT_S)  # a hung phase ends when the new worker is up
             self._update_obs()
             return
         try:
@@ -312,6 +317,8 @@ class ModelActor(SupervisedActor):
             self._schedule()
         elif self.pending:
             self._schedule(DEFER_RETRY_S if self._deferred else 0.0)
+        elif self._hung:
+            self._schedule(RECONNECT_S)
 
     def _expire(self) -> None:
         """End the requests whose ``timeout`` has passed: queued ones at once, running
@@ -557,11 +564,18 @@ class ModelActor(SupervisedActor):
     def _worker_lost(self, exc: WorkerCrashedError) -> None:
         log.warning("model %s: %s; %d request(s) failed", self.name, exc, len(self.active))
         for r in self.active:
-            r.sink.fail(WorkerCrashedError(self.name, exc.exitcode, request_id=r.id))
+            r.sink.fail(
+                WorkerCrashedError(self.name, exc.exitcode, request_id=r.id, hung_s=exc.hung_s)
+            )
         self.active.clear()
         self.client = None
         self.cache = None
         self.free = []
+        if exc.hung_s is not None:
+            self._hung = True
+            self.shared.obs.worker_hangs += 1
+            self._update_obs()
+            self._schedule(RECONNECT_S)
 
     # ------------------------------------------------------------------ results and obs
 
@@ -598,7 +612,9 @@ class ModelActor(SupervisedActor):
         obs = self.shared.obs
         obs.pending_len = len(self.pending)
         obs.active = len(self.active)
-        if self.client is None and (self.pending or self.active):
+        if self.client is None and self._hung:
+            obs.phase = Phase.HUNG
+        elif self.client is None and (self.pending or self.active):
             obs.phase = Phase.RESTARTING
         elif any(r.cursor for r in self.active):
             obs.phase = Phase.PREFILLING

@@ -10,6 +10,9 @@ exit code or signal as soon as the channel closes (no polling).
 from __future__ import annotations
 
 import contextlib
+import logging
+import socket
+import struct
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -18,7 +21,8 @@ from typing import TypeVar, cast
 
 from erllama_py.errors import ModelLoadError, WorkerCrashedError
 from erllama_py.model.arena import Arena, ArenaSlice
-from erllama_py.model.backend import BackendInfo
+from erllama_py.model.backend import BackendInfo, Prefill
+from erllama_py.model.deadline import WorkerDeadline
 from erllama_py.model.protocol import (
     FD_MARK,
     ChatTemplate,
@@ -55,6 +59,7 @@ from supervisors import ProcessChild
 
 __all__ = ["WorkerClient", "log_tail", "start_worker"]
 
+log = logging.getLogger("erllama_py.model")
 R = TypeVar("R")
 WORKER_TARGET = "erllama_py.model.worker:worker_main"
 DEFAULT_LOAD_TIMEOUT_S = 120.0
@@ -123,19 +128,60 @@ def _kill(process: ProcessChild) -> None:
         process.close()
 
 
+def _timeval(seconds: float) -> bytes:
+    whole = int(seconds)
+    return struct.pack("ll", whole, int((seconds - whole) * 1_000_000))
+
+
 def _nothing() -> bool:
     return True
 
 
-class WorkerClient:
-    """Calls one worker process. Thread-safe (one call at a time)."""
+def _set_socket_timeout(sock: socket.socket, option: int, seconds: float) -> None:
+    """A kernel-level timeout on the channel's socket (not socket.settimeout, which would
+    make the descriptor non-blocking for the Connection sharing it): a send into a stopped
+    worker's full socket buffer, or a reply that does not come, ends with EAGAIN.
 
-    def __init__(self, model: str, process: ProcessChild, info: BackendInfo) -> None:
+    The reply is awaited by the blocking read itself, never by a poll followed by a read:
+    when the worker dies, its supervisor closes this channel and starts a successor whose
+    socket may reuse the descriptor's number, and a read issued after that would wait on
+    the successor's socket. A read already blocked when the worker dies sees EOF at once.
+    """
+    with contextlib.suppress(OSError):  # a closed channel: the call itself then fails
+        sock.setsockopt(socket.SOL_SOCKET, option, _timeval(seconds))
+
+
+def _work(command: Command[object]) -> int:
+    """Tokens a command decodes: what its deadline scales with (0: the floor)."""
+    if isinstance(command, Step):
+        return sum(len(op.tokens) if isinstance(op, Prefill) else 1 for op in command.ops)
+    if isinstance(command, Embed):
+        return len(command.tokens)
+    return 0
+
+
+class WorkerClient:
+    """Calls one worker process. Thread-safe (one call at a time).
+
+    Every call has a deadline (`WorkerDeadline`): a worker that does not answer in
+    time is taken as hung, killed (its supervisor restarts it), and the call raises
+    `WorkerCrashedError` with ``hung_s`` set.
+    """
+
+    def __init__(
+        self,
+        model: str,
+        process: ProcessChild,
+        info: BackendInfo,
+        deadline: WorkerDeadline | None = None,
+    ) -> None:
         self.model = model
         self.process = process
         self.info = info
+        self.deadline = deadline or WorkerDeadline()
         self._lock = threading.Lock()
         self._segments_sent: set[int] = set()  # arena segments this worker has mapped
+        _set_socket_timeout(process.channel.socket, socket.SO_SNDTIMEO, self.deadline.floor_s)
 
     @property
     def pid(self) -> int:
@@ -146,20 +192,49 @@ class WorkerClient:
         self.process.wait(1.0)
         return WorkerCrashedError(self.model, self.process.exitcode)
 
+    def _kill_hung(self, deadline_s: float) -> WorkerCrashedError:
+        log.warning(
+            "model %s: context worker %d did not answer within %g s; killing it",
+            self.model,
+            self.process.pid,
+            deadline_s,
+        )
+        with contextlib.suppress(ProcessLookupError, OSError):
+            self.process.kill()
+        self.process.wait(5.0)
+        return WorkerCrashedError(self.model, self.process.exitcode, hung_s=deadline_s)
+
+    def _arm(self, deadline_s: float) -> None:
+        """Bound every read of the coming call's reply by its deadline."""
+        _set_socket_timeout(self.process.channel.socket, socket.SO_RCVTIMEO, deadline_s)
+
+    def _await_reply(self) -> Reply:
+        reply: Reply = self.process.channel.recv()
+        return reply
+
     def call(self, command: Command[R]) -> R:
         """Send a command, return its result.
 
         Raises:
-            WorkerCrashedError: the worker died (before or during the call).
+            WorkerCrashedError: the worker died (before or during the call), or it
+                missed the call's deadline and was killed (``hung_s`` set).
             InvalidRequestError, ContextOverflowError, CacheFormatError, ModelError:
                 the worker refused it.
         """
+        tokens = _work(command)
+        deadline_s = self.deadline.for_work(tokens)
         with self._lock:
+            started = time.monotonic()
             try:
+                self._arm(deadline_s)
                 self.process.channel.send(command)
-                reply: Reply = self.process.channel.recv()
+                reply = self._await_reply()
+            except BlockingIOError:  # no answer within the deadline (or a send timed out)
+                raise self._kill_hung(deadline_s) from None
             except (EOFError, OSError):
                 raise self.crashed() from None
+        if isinstance(command, Step):
+            self.deadline.record(tokens, time.monotonic() - started)
         return cast(R, self._value(reply))
 
     def _value(self, reply: Reply) -> object:
@@ -221,13 +296,15 @@ class WorkerClient:
                 (``errno`` says which).
             InvalidRequestError, ModelError: the worker refused it.
         """
+        deadline_s = self.deadline.for_work()
         with self._lock:
             slot: ArenaSlice | None = None
             refused: OSError | None = None
             try:
                 try:
+                    self._arm(deadline_s)
                     self.process.channel.send(Pack(seq, canonical))
-                    reply: Reply = self.process.channel.recv()
+                    reply = self._await_reply()
                     if isinstance(reply, SlotWanted):
                         try:
                             slot = arena.allocate(reply.size)
@@ -236,7 +313,9 @@ class WorkerClient:
                             self.process.channel.send(SlotRefused(str(exc)))
                         else:
                             self._send_slot(slot)
-                        reply = self.process.channel.recv()
+                        reply = self._await_reply()
+                except BlockingIOError:  # no answer within the deadline (or a send timed out)
+                    raise self._kill_hung(deadline_s) from None
                 except (EOFError, OSError):
                     raise self.crashed() from None
                 if refused is not None:
@@ -280,8 +359,10 @@ class WorkerClient:
             CacheFormatError, ContextOverflowError, ModelError: it refused the state.
         """
         n = buffer.size if size is None else size
+        deadline_s = self.deadline.for_work()
         with self._lock:
             try:
+                self._arm(deadline_s)
                 if isinstance(buffer, ArenaSlice):
                     fresh = buffer.segment_id not in self._segments_sent
                     slot = buffer.ref(fd_follows=fresh)
@@ -292,13 +373,17 @@ class WorkerClient:
                 else:
                     self.process.channel.send(Unpack(seq, n))
                     self.process.channel.send_fds(FD_MARK, [buffer.fd])
+            except BlockingIOError:  # a send timed out: the worker stopped reading
+                raise self._kill_hung(deadline_s) from None
             except (EOFError, OSError):
                 raise self.crashed() from None
             try:
                 verdict = meanwhile()
             finally:
                 try:
-                    reply: Reply = self.process.channel.recv()
+                    reply = self._await_reply()
+                except BlockingIOError:  # no answer within the deadline
+                    raise self._kill_hung(deadline_s) from None
                 except (EOFError, OSError):
                     raise self.crashed() from None
         if isinstance(reply, Failed) and reply.errno is not None:

@@ -334,6 +334,7 @@ class LlamaBackend:
         if flash_attn is None:
             flash_attn = int(_L.llama_model_n_swa(model)) == 0
         try:
+            _check_training_context(n_ctx, int(_L.llama_model_n_ctx_train(model)))
             cp = _L.llama_context_default_params()
             cp.n_ctx = kv_size
             cp.n_batch = n_batch
@@ -937,6 +938,21 @@ class LlamaBackend:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _check_training_context(n_ctx: int, n_ctx_train: int) -> None:
+    """Refuse a context longer than the model was trained for.
+
+    Past its training context a model without rope scaling produces garbage, and
+    llama.cpp only logs a warning; we refuse at load, with the limit in the message,
+    rather than clamp in silence (the caller asked for more room than it would get).
+    """
+    if 0 < n_ctx_train < n_ctx:
+        raise ConfigError(
+            "n_ctx",
+            f"{n_ctx} is past the model's training context of {n_ctx_train} tokens; "
+            f"use n_ctx <= {n_ctx_train}",
+        )
 
 
 def _validate_options(

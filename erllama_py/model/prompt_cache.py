@@ -210,6 +210,12 @@ class PromptCache:
             return False
         owned: StateBuffer | ArenaSlice | None = None
         try:
+            if claim.namespace != self.namespace:
+                # Another model's or context shape's state (a parent_key from elsewhere):
+                # never restored, whatever its tokens; the request goes on as if it were absent.
+                self.cache.count("foreign_refused")
+                log.info("row %s belongs to another namespace; not restored", key.hex())
+                return False
             if claim.n_tokens != n_tokens or (
                 must_equal is not None and claim.tokens != must_equal
             ):

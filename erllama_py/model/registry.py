@@ -27,6 +27,7 @@ from erllama_py.errors import (
 from erllama_py.model.arena import Arena
 from erllama_py.model.backend import BackendInfo
 from erllama_py.model.catalog import resolve_model
+from erllama_py.model.deadline import WorkerDeadline
 from erllama_py.model.protocol import WorkerSpec
 from erllama_py.model.state import ModelState, actor_name
 from erllama_py.model.tree import MODEL_SUP_NAME
@@ -182,6 +183,7 @@ class ModelRegistry(SupervisedActor):
             fingerprint=settings.fingerprint,
             max_queue=settings.max_queue,
             arena=self.arena,
+            deadline=WorkerDeadline(settings.deadline_floor_s, settings.deadline_factor),
         )
         model_sup = self.registry.lookup(MODEL_SUP_NAME)
         assert isinstance(model_sup, pykka.ActorRef)

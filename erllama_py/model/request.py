@@ -12,6 +12,7 @@ from __future__ import annotations
 import itertools
 import logging
 import queue
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -92,6 +93,8 @@ class RequestSink:
         self.events: queue.SimpleQueue[SinkEvent] = queue.SimpleQueue()
         self.future: Future[Completion] = Future()
         self._notify = notify
+        # The actor and the timeout watchdog may both end a request: one terminal event.
+        self._lock = threading.Lock()
 
     @property
     def done(self) -> bool:
@@ -112,15 +115,17 @@ class RequestSink:
             self._put(Delta(text, tokens, logprobs))
 
     def finish(self, completion: Completion) -> None:
-        if self.future.done():
-            return
-        self.future.set_result(completion)
+        with self._lock:
+            if self.future.done():
+                return
+            self.future.set_result(completion)
         self._put(Done(completion))
 
     def fail(self, error: ErllamaError) -> None:
-        if self.future.done():
-            return
-        self.future.set_exception(error)
+        with self._lock:
+            if self.future.done():
+                return
+            self.future.set_exception(error)
         self._put(Failure(error))
 
 

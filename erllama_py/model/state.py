@@ -15,6 +15,7 @@ from erllama_py.kinds import Phase
 from erllama_py.model.arena import Arena
 from erllama_py.model.backend import BackendInfo
 from erllama_py.model.bufpool import BufferPool
+from erllama_py.model.deadline import WorkerDeadline
 from erllama_py.model.protocol import WorkerSpec
 from erllama_py.results import CacheHit
 from supervisors import Registry
@@ -47,6 +48,7 @@ class ModelObs:
     last_cache_hit: CacheHit | None = None
     requests_done: int = 0
     tokens_generated: int = 0
+    worker_hangs: int = 0  # workers killed for missing a call's deadline
 
 
 @dataclass
@@ -71,6 +73,7 @@ class ModelState:
     # The runtime's arena (shared by every model): packed states and promoted rows.
     arena: Arena = field(default_factory=Arena)
     max_queue: int = 64
+    deadline: WorkerDeadline = field(default_factory=WorkerDeadline)
 
     @property
     def info(self) -> BackendInfo:

@@ -29,6 +29,7 @@ import pytest
 from erllama_py.cache import CacheHandle, Namespace, key_hex
 from erllama_py.cache.filestore import FileStore
 from erllama_py.cache.meta_client import _Forward
+from erllama_py.cache.rootlock import LOCK_NAME
 from erllama_py.errors import ReservationError
 from erllama_py.model.statebuf import StateBuffer
 
@@ -41,7 +42,7 @@ def payload(size: int, seed: int = 0) -> bytes:
 
 
 def files_in(root: Path) -> list[str]:
-    return sorted(p.name for p in root.iterdir()) if root.exists() else []
+    return sorted(p.name for p in root.iterdir() if p.name != LOCK_NAME) if root.exists() else []
 
 
 # --------------------------------------------------------------------------- RAM rows

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from typing import Any
 
 import pytest
@@ -19,10 +19,17 @@ from erllama_py.cache.policy import (
 )
 from erllama_py.errors import ConfigError
 
-DEFAULT = SavePolicy()
+# erllama's own defaults (ours are the shipped sys.yaml's: tests/test_config.py checks them).
+DEFAULT = SavePolicy(
+    min_tokens=512,
+    cold_min_tokens=512,
+    continued_interval=2048,
+    boundary_trim_tokens=32,
+    boundary_align_tokens=2048,
+)
 
 
-def test_defaults_are_the_originals() -> None:
+def test_the_original_defaults_are_what_the_split_tests_use() -> None:
     assert asdict(DEFAULT) == {
         "min_tokens": 512,
         "cold_min_tokens": 512,
@@ -112,7 +119,7 @@ def test_cold_save_split_2080_saves_2048_and_leaves_32() -> None:
 
 
 def test_cold_save_split_honours_min_tokens() -> None:
-    policy = SavePolicy(min_tokens=5000, cold_min_tokens=5000)
+    policy = replace(DEFAULT, min_tokens=5000, cold_min_tokens=5000)
     assert cold_save_split(6000, policy) is None  # 5968 aligns down to 4096 < 5000
     assert cold_save_split(6200, policy) == 6144
 
@@ -129,7 +136,7 @@ def test_continued_save_fires_after_a_full_interval() -> None:
 
 
 def test_continued_save_needs_min_tokens_even_after_an_interval() -> None:
-    policy = SavePolicy(continued_interval=100)
+    policy = replace(DEFAULT, continued_interval=100)
     assert not should_continued_save(400, 0, policy)
     assert should_continued_save(512, 0, policy)
 
@@ -163,8 +170,8 @@ def test_validate_policy_accepts_a_full_valid_mapping() -> None:
 
 def test_validate_policy_fills_missing_keys_with_defaults() -> None:
     assert validate_policy({"continued_interval": 64}) == SavePolicy(continued_interval=64)
-    assert validate_policy({}) == DEFAULT
-    assert validate_policy(None) == DEFAULT
+    assert validate_policy({}) == SavePolicy()
+    assert validate_policy(None) == SavePolicy()
 
 
 def test_validate_policy_returns_a_policy_unchanged() -> None:
@@ -175,10 +182,10 @@ def test_validate_policy_returns_a_policy_unchanged() -> None:
 @pytest.mark.parametrize(
     ("values", "message"),
     [
-        ({"cold_min_tokens": 100}, "policy.cold_min_tokens: must be >= min_tokens (512), got 100"),
+        ({"cold_min_tokens": 10}, "policy.cold_min_tokens: must be >= min_tokens (64), got 10"),
         (
-            {"cold_max_tokens": 100},
-            "policy.cold_max_tokens: must be >= cold_min_tokens (512), got 100",
+            {"cold_max_tokens": 10},
+            "policy.cold_max_tokens: must be >= cold_min_tokens (64), got 10",
         ),
         ({"boundary_align_tokens": 0}, "policy.boundary_align_tokens: must be > 0, got 0"),
         ({"continued_interval": 0}, "policy.continued_interval: must be > 0, got 0"),

@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 
 from erllama_py.cache import CacheHandle, Claim, Namespace, SaveTicket
+from erllama_py.cache.rootlock import LOCK_NAME
 from erllama_py.errors import PayloadTooLargeError, TierFullError
 
 KB = 1024
@@ -41,6 +42,8 @@ def dir_bytes(root: Path) -> int:
     except FileNotFoundError:
         return 0
     for entry in entries:
+        if entry.name == LOCK_NAME:
+            continue
         try:
             st = entry.stat(follow_symlinks=False)
         except FileNotFoundError:
@@ -130,7 +133,7 @@ def assert_index_matches_the_tier(cache: CacheHandle, kind: str, root: Path | No
         assert cache.shared.ram.total_bytes() == stats.bytes
     else:
         assert root is not None
-        assert sorted(p.name for p in root.iterdir()) == sorted(
+        assert sorted(p.name for p in root.iterdir() if p.name != LOCK_NAME) == sorted(
             r.path.name
             for r in rows
             if r.path is not None  # every file is a row, no temp file is left
@@ -211,7 +214,8 @@ def test_pinned_rows_are_never_evicted_while_the_tier_churns(
 def test_a_row_larger_than_its_tier_quota_is_refused_with_payload_too_large(
     make_cache: Any, ns: Namespace, roots: dict[str, Path], kind: str
 ) -> None:
-    cache = make_cache(**{kind: 64 * KB})
+    # Every tier that small: no slower tier can take the row instead (see test_demotion_chain).
+    cache = make_cache(ram=64 * KB, ram_file=64 * KB, disk=64 * KB)
     small = cache.save(ns, [1], payload(10 * KB, 1), tier=kind)
     with pytest.raises(PayloadTooLargeError) as caught:
         cache.save(ns, [2], bytes(64 * KB + 1), tier=kind)
@@ -219,7 +223,7 @@ def test_a_row_larger_than_its_tier_quota_is_refused_with_payload_too_large(
     assert [r.key for r in cache.rows()] == [small]  # nothing was evicted for it
     assert cache.counters().quota_refusals == 1
     if kind != "ram":
-        assert len(list(roots[kind].iterdir())) == 1
+        assert len([p for p in roots[kind].iterdir() if p.name != LOCK_NAME]) == 1
     assert cache.check() == []
 
 

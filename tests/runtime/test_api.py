@@ -260,6 +260,18 @@ CASES: list[tuple[str, Callable[[Any], Any], type[Exception], str | None]] = [
         "json_schema",
     ),
     (
+        "json_schema that is a JSON list",
+        lambda m: m.complete("hi", json_schema=[{"type": "string"}]),
+        InvalidRequestError,
+        "json_schema",
+    ),
+    (
+        "json_schema text that is a JSON list",
+        lambda m: m.complete("hi", json_schema="[1, 2]"),
+        InvalidRequestError,
+        "json_schema",
+    ),
+    (
         "grammar and json_schema",
         lambda m: m.complete("hi", grammar=forced("a"), json_schema={"type": "string"}),
         InvalidRequestError,
