@@ -744,9 +744,7 @@ def _ray(raw: object) -> RaySettings:
         replicas=s.get_int("replicas", DEFAULT_RAY_REPLICAS, minimum=1),
         num_cpus_per_replica=s.get_float("num_cpus_per_replica", 1.0, minimum=0.0),
         resources_per_replica={str(k): float(v) for k, v in resources.items()},
-        max_ongoing_requests=s.get_int(
-            "max_ongoing_requests", DEFAULT_RAY_MAX_ONGOING, minimum=1
-        ),
+        max_ongoing_requests=s.get_int("max_ongoing_requests", DEFAULT_RAY_MAX_ONGOING, minimum=1),
         router=s.choice("router", "affinity", ("affinity", "default")),
         affinity_block_chars=s.get_int(
             "affinity_block_chars", DEFAULT_AFFINITY_BLOCK_CHARS, minimum=1

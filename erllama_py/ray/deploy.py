@@ -29,12 +29,12 @@ from ray.serve.config import RequestRouterConfig
 from erllama_py.config import Config, RaySettings
 from erllama_py.ray.ingress import ErllamaIngress
 from erllama_py.ray.replica import ErllamaReplica
-from erllama_py.ray.router import CacheAffinityRouter
 
 __all__ = ["INGRESS_NAME", "REPLICA_NAME", "RayServing", "build_app", "serve_on_ray"]
 
 REPLICA_NAME = "ErllamaReplica"
 INGRESS_NAME = "ErllamaIngress"
+ROUTER_PATH = "erllama_py.ray.router:CacheAffinityRouter"
 HEALTH_CHECK_PERIOD_S = 5.0
 HEALTH_CHECK_TIMEOUT_S = 30.0
 
@@ -44,7 +44,9 @@ def _settings(config: Config, **overrides: Any) -> RaySettings:
     return dataclasses.replace(config.ray, **given)
 
 
-def build_app(config: Config, *, replicas: int | None = None, router: str | None = None) -> Application:
+def build_app(
+    config: Config, *, replicas: int | None = None, router: str | None = None
+) -> Application:
     """The Serve application for `config` (``ray:`` settings, optionally overridden)."""
     s = _settings(config, replicas=replicas, router=router)
     options: dict[str, Any] = {
@@ -61,14 +63,14 @@ def build_app(config: Config, *, replicas: int | None = None, router: str | None
     }
     if s.router == "affinity":
         options["request_router_config"] = RequestRouterConfig(
-            request_router_class=CacheAffinityRouter,
+            request_router_class=ROUTER_PATH,  # type: ignore[arg-type]  # pydantic field
             request_router_kwargs={"imbalance_threshold": s.imbalance_threshold},
         )
-    replica = serve.deployment(ErllamaReplica).options(**options)
-    ingress = serve.deployment(ErllamaIngress).options(
+    replica = serve.deployment(**options)(ErllamaReplica)
+    ingress = serve.deployment(
         name=INGRESS_NAME, num_replicas=1, ray_actor_options={"num_cpus": 0},
         max_ongoing_requests=10_000,
-    )  # fmt: skip
+    )(ErllamaIngress)  # fmt: skip
     app: Application = ingress.bind(replica.bind(config), s)
     return app
 
@@ -84,7 +86,7 @@ class RayServing:
     def stop(self) -> None:
         serve.delete(self.app_name)
         if self.started_ray:
-            serve.shutdown()
+            serve.shutdown()  # type: ignore[no-untyped-call]
             ray.shutdown()
 
 

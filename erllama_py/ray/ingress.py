@@ -5,8 +5,8 @@ OpenAI app through a Serve deployment handle. Before that, the ingress computes 
 request's affinity key (`erllama_py.ray.affinity`, from the JSON body), which
 Serve's request router (`CacheAffinityRouter`) reads to pick the replica. A replica
 that dies while it holds a request fails that request with a clear 503 (or, once a
-stream has started, a final error frame in OpenAI's envelope, then ``[DONE]``); Serve restarts the replica and later
-requests succeed.
+stream has started, a final error frame in OpenAI's envelope, then ``[DONE]``);
+Serve restarts the replica and later requests succeed.
 
 - ``GET /ray/status``: every replica, its node, slot, pid, tier roots, cache counters
   and models.
@@ -25,7 +25,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
 from ray.exceptions import RayError
-from ray.serve.handle import DeploymentHandle
+from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
 from erllama_py.config import RaySettings
 from erllama_py.ray.affinity import affinity_key, prompt_bytes
@@ -67,7 +67,7 @@ def _is_event_stream(start: HttpStart) -> bool:
 class ErllamaIngress:
     """Forwards HTTP requests to the replica deployment, keyed for cache affinity."""
 
-    def __init__(self, replicas: DeploymentHandle, settings: RaySettings) -> None:
+    def __init__(self, replicas: DeploymentHandle[Any], settings: RaySettings) -> None:
         self._replicas = replicas
         self._settings = settings
 
@@ -113,6 +113,7 @@ class ErllamaIngress:
             affinity=self._key(body) if request.method == "POST" and body else (),
         )
         gen = self._replicas.options(stream=True).handle_http.remote(call)
+        assert isinstance(gen, DeploymentResponseGenerator)
         try:
             start = await gen.__anext__()
         except (RayError, StopAsyncIteration) as exc:

@@ -31,8 +31,7 @@ def merge_metrics(per_replica: Iterable[tuple[str, bytes]]) -> bytes:
                 target = Metric(family.name, family.documentation, family.type, family.unit)
                 merged[family.name] = target
             target.samples.extend(
-                Sample(s.name, {**s.labels, "replica": replica}, s.value, s.timestamp,
-                       s.exemplar)  # fmt: skip
+                Sample(s.name, {**s.labels, "replica": replica}, s.value, s.timestamp, s.exemplar)
                 for s in family.samples
             )
     registry = CollectorRegistry()

@@ -26,7 +26,9 @@ from erllama_py.runtime import Runtime, start
 from erllama_py.server.app import create_app
 from erllama_py.server.metrics import Metrics
 
-__all__ = ["ErllamaReplica"]
+__all__ = ["REPLICA_HEADER", "ErllamaReplica"]
+
+REPLICA_HEADER = b"x-erllama-replica"
 
 
 class ErllamaReplica:
@@ -35,6 +37,7 @@ class ErllamaReplica:
     def __init__(self, config: Config) -> None:
         self.node_id: str = ray.get_runtime_context().get_node_id()
         self.replica_id: str = serve.get_replica_context().replica_id.unique_id
+        self._id_bytes = self.replica_id.encode()
         self._slot = claim_slot(self.node_id)
         self.config = node_local_config(config, self.node_id, self._slot.number)
         self.runtime: Runtime = start(self.config)
@@ -42,8 +45,11 @@ class ErllamaReplica:
         self.app = create_app(self.runtime, self.config.server, self.metrics)
 
     async def handle_http(self, call: HttpCall) -> AsyncIterator[HttpStart | bytes]:
-        """Serve one HTTP request with this replica's app (streamed back)."""
+        """Serve one HTTP request with this replica's app (streamed back); the answer
+        names the replica (``x-erllama-replica``), so a client can see where it went."""
         async for item in call_app(self.app, call):
+            if isinstance(item, HttpStart):
+                item = HttpStart(item.status, (*item.headers, (REPLICA_HEADER, self._id_bytes)))
             yield item
 
     def _status(self) -> ReplicaStatus:

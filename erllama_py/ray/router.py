@@ -41,7 +41,7 @@ def _key_of(pending: PendingRequest | None) -> tuple[str, ...]:
     return ()
 
 
-class CacheAffinityRouter(RequestRouter):  # type: ignore[misc]
+class CacheAffinityRouter(RequestRouter):
     """Routes a request to the replica most likely to hold its longest cached prefix."""
 
     def initialize_state(self, imbalance_threshold: int = 4, max_entries: int = 200_000,
