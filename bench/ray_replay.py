@@ -279,6 +279,7 @@ def main() -> None:
                 dirty_ok=args.dirty,
                 model=args.model == "default",
             ),
+            "",
             describe(args),
             "",
             table(
