@@ -144,23 +144,12 @@ def summary(name: str, turns: list[Turn]) -> list[object]:
 def run_cluster(args: argparse.Namespace, model: Path, root: Path) -> dict[str, list[Turn]]:
     import ray
     from ray import serve
-    from ray.cluster_utils import Cluster
-    from ray_helpers import REPLICA_RESOURCE, free_port, ray_config
+    from ray_helpers import free_port, ray_config, start_cluster
 
     from erllama_py.config import load_config
     from erllama_py.ray import serve_on_ray
 
-    cluster = Cluster(
-        initialize_head=True,
-        head_node_args={
-            "num_cpus": 1,
-            "include_dashboard": False,
-            "resources": {REPLICA_RESOURCE: 1},
-        },
-    )
-    for _ in range(args.replicas - 1):
-        cluster.add_node(num_cpus=1, resources={REPLICA_RESOURCE: 1})
-    ray.init(address=cluster.address, log_to_driver=False)
+    cluster = start_cluster(args.replicas)
     port = free_port()
     results: dict[str, list[Turn]] = {}
     try:

@@ -9,10 +9,34 @@ from pathlib import Path
 from typing import Any
 
 import openai
+import ray
+from ray.cluster_utils import Cluster
 
 REPLICA_RESOURCE = "erllama_replica"  # one per node: one replica per node
 POLICY = {"min_tokens": 4, "cold_min_tokens": 4, "boundary_trim_tokens": 0,
           "boundary_align_tokens": 1}  # fmt: skip
+
+
+def start_cluster(nodes: int, attempts: int = 2) -> Cluster:
+    """A local cluster of `nodes` nodes, each with one replica resource, Ray connected.
+
+    Ray waits a fixed 30 s for each raylet to register; on 2 cores shared with other
+    test runs that can pass, so the start is tried again once from scratch.
+    """
+    for attempt in range(attempts):
+        cluster = Cluster()
+        try:
+            cluster.add_node(num_cpus=1, include_dashboard=False,
+                             resources={REPLICA_RESOURCE: 1})  # fmt: skip
+            for _ in range(nodes - 1):
+                cluster.add_node(num_cpus=1, resources={REPLICA_RESOURCE: 1})
+            ray.init(address=cluster.address, log_to_driver=False)
+            return cluster
+        except Exception:
+            cluster.shutdown()
+            if attempt == attempts - 1:
+                raise
+    raise AssertionError("unreachable")
 
 
 def free_port() -> int:

@@ -20,7 +20,7 @@ import pytest
 import ray
 from ray import serve
 from ray.cluster_utils import Cluster
-from ray_helpers import REPLICA_RESOURCE, Replay, free_port, opening, ray_config, replay
+from ray_helpers import Replay, free_port, opening, ray_config, replay, start_cluster
 
 from erllama_py.config import load_config
 from erllama_py.model.testmodel import write_test_model
@@ -40,11 +40,7 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[Cluster]:
-    c = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": 1, "include_dashboard": False, "resources": {REPLICA_RESOURCE: 1}})  # fmt: skip
-    for _ in range(REPLICAS - 1):
-        c.add_node(num_cpus=1, resources={REPLICA_RESOURCE: 1})
-    ray.init(address=c.address, log_to_driver=False)
+    c = start_cluster(REPLICAS)
     yield c
     serve.shutdown()
     ray.shutdown()
