@@ -28,7 +28,7 @@ import pytest
 
 from erllama_py.cache import CacheHandle, Namespace, key_hex
 from erllama_py.cache.filestore import FileStore
-from erllama_py.cache.meta_client import MetaClient
+from erllama_py.cache.meta_client import _Forward
 from erllama_py.errors import ReservationError
 from erllama_py.model.statebuf import StateBuffer
 
@@ -257,7 +257,7 @@ def test_a_writer_gives_up_even_while_the_expiry_of_its_reservation_is_still_cle
     removing, removal_gate = threading.Event(), threading.Event()
     moved: list[str] = []
     writer_moved = threading.Event()
-    real_unlink, real_link, real_check = Path.unlink, FileStore.link, MetaClient.check_reservation
+    real_unlink, real_link, real_getattr = Path.unlink, FileStore.link, _Forward.__getattr__
 
     def held_unlink(path: Path, missing_ok: bool = False) -> None:
         if held_writer.temp and path == held_writer.temp[0]:
@@ -265,10 +265,12 @@ def test_a_writer_gives_up_even_while_the_expiry_of_its_reservation_is_still_cle
             assert removal_gate.wait(WAIT_S), "the test never released the removal"
         real_unlink(path, missing_ok=missing_ok)
 
-    def noted_check(client: MetaClient, key: bytes, tier: str, token: int) -> None:
-        moved.append("check_reservation")
-        writer_moved.set()
-        real_check(client, key, tier, token)
+    def noted_getattr(forward: _Forward, name: str) -> Callable[..., object]:
+        # The writer holds its forwarder from start-up: note the call where it is looked up.
+        if name == "check_reservation":
+            moved.append(name)
+            writer_moved.set()
+        return real_getattr(forward, name)
 
     def noted_link(store: FileStore, temp: Path, key: bytes) -> tuple[Path, int, bool]:
         linked = real_link(store, temp, key)
@@ -277,7 +279,7 @@ def test_a_writer_gives_up_even_while_the_expiry_of_its_reservation_is_still_cle
         return linked
 
     monkeypatch.setattr(Path, "unlink", held_unlink)
-    monkeypatch.setattr(MetaClient, "check_reservation", noted_check)
+    monkeypatch.setattr(_Forward, "__getattr__", noted_getattr)
     monkeypatch.setattr(FileStore, "link", noted_link)
     ticket = cache.save_async(ns, [9, 7, 9], payload(16 * KB, 5), tier="disk")
     assert held_writer.written.wait(WAIT_S)
