@@ -220,7 +220,8 @@ def describe(args: argparse.Namespace) -> str:
         f"history resent, {args.max_tokens} new tokens per turn, one request in flight; "
         f"{args.replicas} replicas (one per node of a local `ray.cluster_utils.Cluster`) "
         f"with {RAM_MB_PER_REPLICA} MB of RAM tier each, against one runtime with "
-        f"{total} MB. Model: {args.model}. The machine has 2 cores shared with other jobs."
+        f"{total} MB. Model: {args.model}, {args.threads} llama.cpp thread(s) per replica "
+        "and in the single runtime. The machine has 2 cores shared with other jobs."
     )
 
 

@@ -117,6 +117,26 @@ def test_later_turns_land_on_one_replica_and_hit_the_cache(
     state["affinity"] = result
 
 
+def test_a_crashed_context_worker_is_restarted_inside_its_replica(
+    serving: RayServing, client: openai.OpenAI
+) -> None:
+    """Two layers of supervision: our supervisor restarts the worker, Serve keeps the replica."""
+    before = status(serving.url)[0]
+    worker = before["models"][0]["worker"]
+    os.kill(worker["pid"], signal.SIGKILL)
+    deadline = time.monotonic() + RESTART_WAIT_S
+    while True:
+        assert time.monotonic() < deadline, "the context worker was not restarted"
+        now = {r["replica"]: r for r in status(serving.url)}[before["replica"]]
+        info = now["models"][0]
+        if info["worker"]["state"] == "running" and info["worker"]["pid"] != worker["pid"]:
+            break
+        time.sleep(0.2)
+    assert info["worker"]["restarts"] == worker["restarts"] + 1
+    assert now["pid"] == before["pid"]  # the same replica process
+    assert len(replay(client, conversations=3, turns=1, salt="after-worker").turns) == 3
+
+
 def test_a_replica_killed_mid_replay_fails_its_request_and_comes_back_with_its_rows(
     serving: RayServing, client: openai.OpenAI
 ) -> None:
