@@ -49,8 +49,9 @@ class ErllamaReplica:
         names the replica (``x-erllama-replica``), so a client can see where it went."""
         async for item in call_app(self.app, call):
             if isinstance(item, HttpStart):
-                item = HttpStart(item.status, (*item.headers, (REPLICA_HEADER, self._id_bytes)))
-            yield item
+                yield HttpStart(item.status, (*item.headers, (REPLICA_HEADER, self._id_bytes)))
+            else:
+                yield item
 
     def _status(self) -> ReplicaStatus:
         rt = self.runtime
