@@ -35,8 +35,10 @@ BENCHMARKS: list[tuple[str, list[str], list[str], int]] = [
     ("save_stall", [], ["--reps", "1", "--tokens", "256"], 3600),
     ("multi_turn", [], ["--conversations", "2", "--turns", "3"], 3600),
     ("prefix_agreement", [], ["--pairs", "6"], 5400),
+    ("http_serving", [], ["--quick"], 3600),
     ("cache_io", [], [], 1800),
     ("trie_bench", [], [], 600),
+    ("agent_replay", [], ["--turns", "3", "--system-words", "400", "--tool-words", "60"], 3600),
 ]
 PRINT_ONLY = {"trie_bench"}
 

@@ -38,6 +38,7 @@ from erllama_py.params import ChatMessage as ChatMessage
 from erllama_py.params import CompletionOptions as CompletionOptions
 from erllama_py.params import ModelOptions as ModelOptions
 from erllama_py.params import SamplingParams as SamplingParams
+from erllama_py.params import Tool as Tool
 from erllama_py.results import CacheHit as CacheHit
 from erllama_py.results import Completion as Completion
 from erllama_py.results import Delta as Delta
@@ -66,6 +67,7 @@ __all__ = [
     "CompletionOptions",
     "ModelOptions",
     "SamplingParams",
+    "Tool",
     # what you get back
     "CacheHit",
     "Completion",

@@ -5,7 +5,8 @@
     erllama-py serve [--config sys.yaml] [--host H] [--port P]   the OpenAI-compatible HTTP server
     erllama-py serve --ray [--address auto] [--replicas N]       the same, on Ray Serve replicas
     erllama-py run [--config sys.yaml] [--once]    start the runtime, print its tree, serve prompts
-    erllama-py tree [--config sys.yaml]            start, print the supervision tree, stop
+    erllama-py daemon start|stop|status|restart|logs   the server in the background
+    erllama-py models | complete | chat | cache | tree | repl   clients of the running daemon
     erllama-py check-config [--config sys.yaml]    validate a configuration
     erllama-py fetch-default-model                 assemble gemma-3-270m, print its path
     erllama-py make-test-model PATH                write a tiny random-weight GGUF for tests
@@ -24,6 +25,7 @@ from pathlib import Path
 from rich.console import Console
 
 from erllama_py.config import load_config
+from erllama_py.daemon.commands import add_commands
 from erllama_py.errors import ErllamaError
 from erllama_py.model.catalog import KNOWN_MODELS, resolve_model
 from erllama_py.model.testmodel import main_make_test_model
@@ -132,6 +134,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return cmd_serve_ray(args)
     from erllama_py.server.serve import start_serving  # noqa: PLC0415 - the server's imports
 
+    if args.daemon:
+        from erllama_py.daemon.service import run_daemon  # noqa: PLC0415
+
+        return run_daemon(_config_path(args.config), host=args.host, port=args.port)
     config = load_config(_config_path(args.config))
     err = Console(stderr=True)
 
@@ -174,6 +180,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--config", help=f"sys.yaml path (default ./{DEFAULT_CONFIG} if present)")
     serve.add_argument("--host", help="address to listen on (default: server.host)")
     serve.add_argument("--port", type=int, help="port (default: server.port; 0 picks one)")
+    serve.add_argument("--daemon", action="store_true", help=argparse.SUPPRESS)
     serve.add_argument("--ray", action="store_true", help="serve on Ray Serve replicas (ray extra)")
     serve.add_argument(
         "--address", help="with --ray: a Ray cluster to join ('auto'); default ray.address"
@@ -184,9 +191,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--config", help=f"sys.yaml path (default ./{DEFAULT_CONFIG} if present)")
     run.add_argument("--once", action="store_true", help="print the tree and stop")
     run.set_defaults(func=cmd_run)
-    tree = sub.add_parser("tree", help="start, print the supervision tree, stop")
-    tree.add_argument("--config")
-    tree.set_defaults(func=cmd_run, once=True)
+    add_commands(sub)
     check = sub.add_parser("check-config", help="validate a configuration")
     check.add_argument("--config")
     check.set_defaults(func=cmd_check_config)

@@ -73,6 +73,9 @@ DEFAULT_MAX_QUEUE = 64  # waiting requests per model before 429
 DEFAULT_REQUEST_TIMEOUT_S = 600.0
 DEFAULT_MAX_BODY_MB = 64  # a request body over this is refused (413)
 DEFAULT_SHUTDOWN_TIMEOUT_S = 30.0  # running requests may finish this long on a stop
+DEFAULT_LOG_MAX_MB = 16  # the daemon's log is rotated past this size ...
+DEFAULT_LOG_BACKUPS = 3  # ... keeping this many old logs
+MAX_SOCKET_PATH = 107  # bytes: sun_path holds 108, with its NUL
 DEFAULT_RAY_REPLICAS = 2  # Ray Serve replicas, each a whole runtime
 DEFAULT_RAY_MAX_ONGOING = 8  # requests in flight per replica before Serve queues them
 DEFAULT_AFFINITY_BLOCK_CHARS = 256  # prompt characters per affinity block
@@ -83,6 +86,13 @@ DEFAULT_IMBALANCE = 4  # queue-length gap past which the least-loaded replica wi
 def _state_dir() -> Path:
     base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local/state")
     return Path(base) / "erllama-py"
+
+
+def _runtime_dir() -> Path:
+    base = os.environ.get("XDG_RUNTIME_DIR")
+    if base:
+        return Path(base) / "erllama-py"
+    return Path(f"/tmp/erllama-py-{os.getuid()}")
 
 
 def _cache_dir() -> Path:
@@ -300,11 +310,15 @@ class ServerSettings:
 
 @dataclass(frozen=True)
 class DaemonSettings:
-    """Files of the CLI daemon."""
+    """Files of the CLI daemon: its pid file and control socket live in the user's runtime
+    folder ($XDG_RUNTIME_DIR/erllama-py, else /tmp/erllama-py-$UID), its log in the state
+    folder ($XDG_STATE_HOME/erllama-py, else ~/.local/state/erllama-py)."""
 
-    pid_file: Path = field(default_factory=lambda: _state_dir() / "erllama-py.pid")
+    pid_file: Path = field(default_factory=lambda: _runtime_dir() / "erllama-py.pid")
     log_file: Path = field(default_factory=lambda: _state_dir() / "erllama-py.log")
-    control_socket: Path = field(default_factory=lambda: _state_dir() / "control.sock")
+    log_max_bytes: int = DEFAULT_LOG_MAX_MB * MB
+    log_backups: int = DEFAULT_LOG_BACKUPS
+    control_socket: Path = field(default_factory=lambda: _runtime_dir() / "control.sock")
 
 
 @dataclass(frozen=True)
@@ -715,11 +729,18 @@ def _server(raw: object) -> ServerSettings:
 def _daemon(raw: object) -> DaemonSettings:
     s = _Section(raw, "daemon")
     default = DaemonSettings()
+    socket_path = s.path_value("control_socket", default.control_socket) or default.control_socket
+    if len(os.fsencode(socket_path)) > MAX_SOCKET_PATH:
+        raise ConfigError(
+            s.key("control_socket"),
+            f"a Unix socket path must be at most {MAX_SOCKET_PATH} bytes, got {socket_path}",
+        )
     settings = DaemonSettings(
         pid_file=s.path_value("pid_file", default.pid_file) or default.pid_file,
         log_file=s.path_value("log_file", default.log_file) or default.log_file,
-        control_socket=s.path_value("control_socket", default.control_socket)
-        or default.control_socket,
+        log_max_bytes=s.get_int("log_max_mb", DEFAULT_LOG_MAX_MB, minimum=1) * MB,
+        log_backups=s.get_int("log_backups", DEFAULT_LOG_BACKUPS, minimum=0),
+        control_socket=socket_path,
     )
     s.done()
     return settings

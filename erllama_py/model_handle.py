@@ -47,7 +47,7 @@ from erllama_py.model.request import (
     TokenPrompt,
 )
 from erllama_py.model.state import actor_name, sup_name
-from erllama_py.params import ChatMessage, CompletionOptions, parse_options
+from erllama_py.params import ChatMessage, CompletionOptions, Tool, parse_options
 from erllama_py.results import CacheHit, Completion, ModelInfo, WorkerStatus
 from erllama_py.streams import POLL_S, AsyncEventStream, EventStream
 from supervisors import NoProcError, which_children
@@ -100,11 +100,14 @@ class ModelHandle:
         messages: Sequence[ChatMessage],
         *,
         template: str | None = None,
+        tools: Sequence[Tool] | None = None,
         **options: Unpack[CompletionOptions],
     ) -> Completion:
-        """Complete a conversation rendered with the model's chat template (or ``template``,
-        a llama.cpp built-in name such as ``"chatml"``)."""
-        return self._wait(self._submit(self._chat(messages, template), options))
+        """Complete a conversation rendered with the model's chat template (or ``template``:
+        Jinja text, or a llama.cpp built-in name such as ``"chatml"``); ``tools`` (OpenAI's
+        shape) reach the model through the template, or a generic system prompt when it
+        has no tool support."""
+        return self._wait(self._submit(self._chat(messages, template, tools), options))
 
     def prefill(
         self, prompt: str | Sequence[int], *, parent_key: str | bytes | None = None
@@ -126,10 +129,11 @@ class ModelHandle:
         messages: Sequence[ChatMessage],
         *,
         template: str | None = None,
+        tools: Sequence[Tool] | None = None,
         **options: Unpack[CompletionOptions],
     ) -> EventStream:
         """`stream` for a conversation."""
-        request = self._submit(self._chat(messages, template), options)
+        request = self._submit(self._chat(messages, template, tools), options)
         return EventStream(request, self._cancel, self._core.check_running)
 
     # ------------------------------------------------------------------ asyncio twins
@@ -145,10 +149,11 @@ class ModelHandle:
         messages: Sequence[ChatMessage],
         *,
         template: str | None = None,
+        tools: Sequence[Tool] | None = None,
         **options: Unpack[CompletionOptions],
     ) -> Completion:
         """`chat` for asyncio."""
-        return await self._await(self._submit(self._chat(messages, template), options))
+        return await self._await(self._submit(self._chat(messages, template, tools), options))
 
     async def aprefill(
         self, prompt: str | Sequence[int], *, parent_key: str | bytes | None = None
@@ -169,10 +174,11 @@ class ModelHandle:
         messages: Sequence[ChatMessage],
         *,
         template: str | None = None,
+        tools: Sequence[Tool] | None = None,
         **options: Unpack[CompletionOptions],
     ) -> AsyncEventStream:
         """`chat_stream` for asyncio."""
-        return self._async_stream(self._chat(messages, template), options)
+        return self._async_stream(self._chat(messages, template, tools), options)
 
     # ------------------------------------------------------------------ tokens
 
@@ -183,14 +189,18 @@ class ModelHandle:
         return self._ask(lambda actor: actor.tokenize(text, add_special))
 
     def chat_tokens(
-        self, messages: Sequence[ChatMessage], *, template: str | None = None
+        self,
+        messages: Sequence[ChatMessage],
+        *,
+        template: str | None = None,
+        tools: Sequence[Tool] | None = None,
     ) -> list[int]:
         """The prompt tokens `chat` would complete for these messages (rendered with the
         chat template, special tokens parsed): for counting, or to `prefill` a chat."""
-        prompt = self._chat(messages, template)
+        prompt = self._chat(messages, template, tools)
         return self._ask(
             lambda actor: actor.tokenize(
-                actor.render_chat(prompt.messages, prompt.template), True, True
+                actor.render_chat(prompt.messages, prompt.template, prompt.tools), True, True
             )
         )
 
@@ -237,10 +247,14 @@ class ModelHandle:
         return await asyncio.to_thread(self.tokenize, text, add_special)
 
     async def achat_tokens(
-        self, messages: Sequence[ChatMessage], *, template: str | None = None
+        self,
+        messages: Sequence[ChatMessage],
+        *,
+        template: str | None = None,
+        tools: Sequence[Tool] | None = None,
     ) -> list[int]:
         """`chat_tokens` for asyncio."""
-        return await asyncio.to_thread(self.chat_tokens, messages, template=template)
+        return await asyncio.to_thread(self.chat_tokens, messages, template=template, tools=tools)
 
     async def adetokenize(self, tokens: Sequence[int]) -> str:
         """`detokenize` for asyncio."""
@@ -396,7 +410,9 @@ class ModelHandle:
             param="prompt",
         )
 
-    def _chat(self, messages: object, template: str | None) -> ChatPrompt:
+    def _chat(
+        self, messages: object, template: str | None, tools: Sequence[Tool] | None = None
+    ) -> ChatPrompt:
         self._core.check_running()
         name = self._name
         if not isinstance(messages, list | tuple) or not messages:
@@ -411,14 +427,24 @@ class ModelHandle:
                 raise InvalidRequestError(
                     f"messages[{i}].role must be a string", name, param="messages"
                 )
-            if not isinstance(content, str):
+            if not isinstance(content, str) and not (content is None and message.get("tool_calls")):
                 raise InvalidRequestError(
                     f"messages[{i}].content must be a string", name, param="messages"
                 )
         if template is not None and (not isinstance(template, str) or not template):
             raise InvalidRequestError("template must be a non-empty string", name, param="template")
+        if tools is not None and not (
+            isinstance(tools, list | tuple)
+            and all(
+                isinstance(t, Mapping) and isinstance(t.get("function"), Mapping) for t in tools
+            )
+        ):
+            raise InvalidRequestError(
+                'tools must be a list of {"type": "function", "function": {...}}', name,
+                param="tools",
+            )  # fmt: skip
         self._core.tree.models.live(name)
-        return ChatPrompt(tuple(messages), template)
+        return ChatPrompt(tuple(messages), template, tuple(tools) if tools else None)
 
     def _submit(
         self,

@@ -30,6 +30,8 @@ __all__ = [
     "ModelOptions",
     "PENALTY_WINDOW",
     "ChatMessage",
+    "Tool",
+    "ToolFunction",
     "CompletionOptions",
     "FunctionCall",
     "RequestOptions",
@@ -189,6 +191,21 @@ class ToolCall(TypedDict):
     id: str
     type: Literal["function"]
     function: FunctionCall
+
+
+class ToolFunction(TypedDict, total=False):
+    """A function the model may call: its name, what it does, its arguments' JSON schema."""
+
+    name: Required[str]
+    description: NotRequired[str]
+    parameters: NotRequired[dict[str, object]]
+
+
+class Tool(TypedDict):
+    """A tool offered to the model (OpenAI's shape), rendered by the chat template."""
+
+    type: Literal["function"]
+    function: ToolFunction
 
 
 class ChatMessage(TypedDict, total=False):

@@ -26,7 +26,7 @@ from erllama_py.errors import ErllamaError, RuntimeStoppedError
 from erllama_py.kinds import Phase
 from erllama_py.model.registry import ModelRegistry
 from erllama_py.model_handle import ModelHandle, RuntimeCore
-from erllama_py.params import ChatMessage, CompletionOptions, ModelOptions
+from erllama_py.params import ChatMessage, CompletionOptions, ModelOptions, Tool
 from erllama_py.results import CacheHit, Completion, ModelInfo
 from erllama_py.streams import AsyncEventStream, EventStream
 from supervisors import (
@@ -181,10 +181,11 @@ class Runtime:
         messages: Sequence[ChatMessage],
         *,
         template: str | None = None,
+        tools: Sequence[Tool] | None = None,
         **options: Unpack[CompletionOptions],
     ) -> Completion:
         """``rt.model(name).chat(messages, ...)``."""
-        return self.model(name).chat(messages, template=template, **options)
+        return self.model(name).chat(messages, template=template, tools=tools, **options)
 
     def prefill(
         self, name: str, prompt: str | Sequence[int], parent_key: str | bytes | None = None
@@ -204,10 +205,11 @@ class Runtime:
         messages: Sequence[ChatMessage],
         *,
         template: str | None = None,
+        tools: Sequence[Tool] | None = None,
         **options: Unpack[CompletionOptions],
     ) -> EventStream:
         """``rt.model(name).chat_stream(messages, ...)``."""
-        return self.model(name).chat_stream(messages, template=template, **options)
+        return self.model(name).chat_stream(messages, template=template, tools=tools, **options)
 
     async def acomplete(
         self, name: str, prompt: str | Sequence[int], **options: Unpack[CompletionOptions]
@@ -221,10 +223,11 @@ class Runtime:
         messages: Sequence[ChatMessage],
         *,
         template: str | None = None,
+        tools: Sequence[Tool] | None = None,
         **options: Unpack[CompletionOptions],
     ) -> Completion:
         """``await rt.model(name).achat(messages, ...)``."""
-        return await self.model(name).achat(messages, template=template, **options)
+        return await self.model(name).achat(messages, template=template, tools=tools, **options)
 
     def astream(
         self, name: str, prompt: str | Sequence[int], **options: Unpack[CompletionOptions]
@@ -238,10 +241,11 @@ class Runtime:
         messages: Sequence[ChatMessage],
         *,
         template: str | None = None,
+        tools: Sequence[Tool] | None = None,
         **options: Unpack[CompletionOptions],
     ) -> AsyncEventStream:
         """``rt.model(name).achat_stream(messages, ...)``."""
-        return self.model(name).achat_stream(messages, template=template, **options)
+        return self.model(name).achat_stream(messages, template=template, tools=tools, **options)
 
     def tokenize(self, name: str, text: str, add_special: bool = True) -> list[int]:
         """``rt.model(name).tokenize(text)``."""

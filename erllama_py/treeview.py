@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -25,13 +26,28 @@ def _label(node: Mapping[str, Any]) -> str:
         parts.append(f"thread {node['thread']}")
     if node.get("restarts"):
         parts.append(f"[yellow]restarts {node['restarts']}[/yellow]")
+    if node.get("kind") != "supervisor":  # a supervisor shows its strategy instead
+        parts.append(f"[dim]{node.get('kind')}[/dim]")
+    started = node.get("started_at")
+    if isinstance(started, int | float):
+        parts.append(f"[dim]up {_uptime(time.time() - started)}[/dim]")
     if node.get("last_exit"):
         parts.append(f"[dim]last exit: {node['last_exit']}[/dim]")
     return "  ".join(parts)
 
 
+def _uptime(seconds: float) -> str:
+    s = max(0, int(seconds))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"
+
+
 def render_tree(snapshot: Mapping[str, Any]) -> Tree:
-    """A rich `Tree` of a snapshot: names, states, strategies, pids or threads, restarts."""
+    """A rich `Tree` of a snapshot: names, states, strategies, pids or threads, restarts,
+    kinds and uptimes."""
     root = Tree(_label(snapshot))
     _add(root, snapshot)
     return root

@@ -41,6 +41,7 @@ from supervisors._errors import NoProcError as NoProcError
 from supervisors._errors import SupervisorConfigError as SupervisorConfigError
 from supervisors._errors import SupervisorError as SupervisorError
 from supervisors._intensity import add_restart as add_restart
+from supervisors._kill import kill as kill
 from supervisors._process import ProcessChild as ProcessChild
 from supervisors._reason import ProcessExit as ProcessExit
 from supervisors._reason import is_normal_exit as is_normal_exit
@@ -82,6 +83,7 @@ __all__ = [
     "fatal",
     "get_registry",
     "is_normal_exit",
+    "kill",
     "restart_child",
     "start_child",
     "terminate_child",

@@ -32,7 +32,7 @@ from supervisors._reason import NORMAL, is_normal_exit, reason_from_exception
 if TYPE_CHECKING:
     from pykka._actor import ActorInbox
 
-__all__ = ["ExitRecord", "SupervisedActor", "fatal", "exit_record_of"]
+__all__ = ["KILL_MESSAGE", "ExitRecord", "SupervisedActor", "fatal", "exit_record_of"]
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -74,6 +74,8 @@ class _Kill:
 
 
 _KILL = _Kill()
+KILL_MESSAGE: object = _KILL
+"""Told to a `SupervisedActor`, this fails it with ``"killed"`` (see `supervisors.kill`)."""
 
 
 class _TrackingInbox(queue.Queue["Envelope[Any]"]):

@@ -30,6 +30,7 @@ class ChildRecord:
     generation: int = 0
     restarts: int = 0
     last_exit: object = None
+    started_at: float | None = None
 
     def info(self) -> ChildInfo:
         """A snapshot for `which_children`."""
@@ -45,6 +46,7 @@ class ChildRecord:
             thread=self.monitor.thread_name if self.monitor is not None else None,
             name=self.spec.name,
             last_exit=self.last_exit,
+            started_at=self.started_at if self.state == "running" else None,
         )
 
     def offender(self) -> Offender:

@@ -35,6 +35,7 @@ class ChildInfo:
         thread: the thread name of an actor child.
         name: its registry name, if any.
         last_exit: the exit reason of its previous instance, None if none has ended.
+        started_at: when its current instance started (``time.time()``), None if none runs.
     """
 
     id: str
@@ -47,6 +48,7 @@ class ChildInfo:
     thread: str | None
     name: str | None
     last_exit: object
+    started_at: float | None = None
 
     def to_node(self) -> TreeNode:
         """This child as a JSON-serialisable tree node (without subtree)."""
@@ -60,6 +62,7 @@ class ChildInfo:
             pid=self.pid,
             thread=self.thread,
             last_exit=None if self.last_exit is None else describe_reason(self.last_exit),
+            started_at=self.started_at,
         )
 
 
@@ -98,6 +101,7 @@ class ChildCounts:
 class TreeNode(TypedDict):
     """A JSON-serialisable snapshot of a child or a supervisor, with its subtree.
 
+    `started_at` is when the running instance started (``time.time()``), None if none runs.
     A supervisor node adds `strategy`, `intensity`, `period` and `children`. `state` is one
     of `ChildState`, or ``unresponsive`` for a child supervisor that did not answer in time.
     """
@@ -111,6 +115,7 @@ class TreeNode(TypedDict):
     pid: int | None
     thread: str | None
     last_exit: str | None
+    started_at: NotRequired[float | None]
     strategy: NotRequired[Strategy]
     intensity: NotRequired[int]
     period: NotRequired[float]

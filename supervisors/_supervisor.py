@@ -176,6 +176,7 @@ class Supervisor(SupervisedActor):
         self._clock = clock
         self._init = init
         self._children: list[ChildRecord] = []
+        self._started_at: float | None = None
         self._restarts: RestartHistory = ()
         self._dynamic_ids = itertools.count(1)
 
@@ -184,6 +185,7 @@ class Supervisor(SupervisedActor):
     def on_start(self) -> None:
         """Bind the name and start the children in order (see `Supervisor.start`)."""
         self._init.thread = threading.current_thread()
+        self._started_at = time.time()
         try:
             self.registry.bind(self.name, self.actor_ref)
             if self.flags.strategy != "simple_one_for_one":
@@ -352,6 +354,7 @@ class Supervisor(SupervisedActor):
             pid=None,
             thread=thread.name if thread is not None else None,
             last_exit=None,
+            started_at=self._started_at,
             strategy=self.flags.strategy,
             intensity=self.flags.intensity,
             period=self.flags.period,
@@ -406,6 +409,7 @@ class Supervisor(SupervisedActor):
         finally:
             _starting_registry.reset(token)
         child.handle, child.monitor, child.state = handle, monitor, "running"
+        child.started_at = time.time()
         report_progress(self.name, child.offender())
         return handle
 

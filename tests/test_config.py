@@ -315,3 +315,26 @@ def test_tier_roots_are_created(tmp_path: Path) -> None:
     raw["cache"]["tiers"][1]["root"] = str(tmp_path / "a" / "b")
     check_tier_roots(parse_config(raw).cache)
     assert (tmp_path / "a" / "b").is_dir()
+
+
+def test_daemon_files_default_to_the_users_runtime_and_state_folders(monkeypatch) -> None:
+    monkeypatch.setenv("XDG_RUNTIME_DIR", "/run/user/1000")
+    monkeypatch.setenv("XDG_STATE_HOME", "/home/u/.local/state")
+    daemon = load_config(None).daemon
+    assert daemon.pid_file == Path("/run/user/1000/erllama-py/erllama-py.pid")
+    assert daemon.control_socket == Path("/run/user/1000/erllama-py/control.sock")
+    assert daemon.log_file == Path("/home/u/.local/state/erllama-py/erllama-py.log")
+    assert (daemon.log_max_bytes, daemon.log_backups) == (16 * 1024 * 1024, 3)
+    monkeypatch.delenv("XDG_RUNTIME_DIR")
+    fallback = load_config(None).daemon.control_socket
+    assert fallback == Path(f"/tmp/erllama-py-{os.getuid()}/control.sock")
+
+
+def test_daemon_settings_are_checked() -> None:
+    with pytest.raises(ConfigError, match=r"daemon.control_socket: a Unix socket path"):
+        load_config({"daemon": {"control_socket": "/tmp/" + "s" * 120}})
+    with pytest.raises(ConfigError, match=r"daemon.log_max_mb: must be a positive integer"):
+        load_config({"daemon": {"log_max_mb": 0}})
+    with pytest.raises(ConfigError, match=r"daemon.log_backups: must be an integer >= 0"):
+        load_config({"daemon": {"log_backups": -1}})
+    assert load_config({"daemon": {"log_max_mb": 2}}).daemon.log_max_bytes == 2 * 1024 * 1024

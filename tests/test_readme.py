@@ -1,5 +1,6 @@
 """The README's examples run as written: the quick taste (on the shipped sys.yaml, tiers
-moved to tmp) and the server example (against `erllama-py serve` on that sys.yaml)."""
+moved to tmp) and the server examples, OpenAI's and Anthropic's (against `erllama-py
+serve` on that sys.yaml)."""
 
 from __future__ import annotations
 
@@ -36,7 +37,8 @@ def _config(tmp_path: Path) -> dict:
 
 
 @pytest.mark.real_model
-def test_the_readme_server_example_runs_against_make_run(tmp_path: Path) -> None:
+@pytest.mark.parametrize("marker", ["from openai import OpenAI", "import anthropic"])
+def test_the_readme_server_examples_run_against_make_run(tmp_path: Path, marker: str) -> None:
     from erllama_py.config import load_config
     from erllama_py.server.serve import start_serving
 
@@ -45,8 +47,8 @@ def test_the_readme_server_example_runs_against_make_run(tmp_path: Path) -> None
     serving = start_serving(load_config(config))
     try:
         script = tmp_path / "client.py"
-        code = _example("from openai import OpenAI")
-        assert "http://127.0.0.1:8080/v1" in code, "the example names make run's address"
+        code = _example(marker)
+        assert "http://127.0.0.1:8080" in code, "the example names make run's address"
         script.write_text(code.replace("http://127.0.0.1:8080", serving.url), encoding="utf-8")
         done = subprocess.run(
             [sys.executable, str(script)], capture_output=True, text=True, timeout=300,

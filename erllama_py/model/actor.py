@@ -46,7 +46,7 @@ from erllama_py.model.prompt_cache import Deferred, PromptCache
 from erllama_py.model.protocol import Prefill, SamplerSpec, TokenOut
 from erllama_py.model.request import ChatPrompt, Request, RequestState, TextPrompt, TokenPrompt
 from erllama_py.model.state import ModelState, worker_name
-from erllama_py.params import ChatMessage
+from erllama_py.params import ChatMessage, Tool
 from erllama_py.results import CacheHit, Completion, Timings, TokenLogprob, TopLogprob, Usage
 from supervisors import ProcessChild, SupervisedActor
 
@@ -210,8 +210,13 @@ class ModelActor(SupervisedActor):
     def detokenize(self, tokens: Sequence[int]) -> bytes:
         return self._direct(lambda w: w.detokenize(tokens))
 
-    def render_chat(self, messages: Sequence[ChatMessage], template: str | None) -> str:
-        return self._direct(lambda w: w.chat_template(messages, template))
+    def render_chat(
+        self,
+        messages: Sequence[ChatMessage],
+        template: str | None,
+        tools: Sequence[Tool] | None = None,
+    ) -> str:
+        return self._direct(lambda w: w.chat_template(messages, template, tools))
 
     def embed(self, tokens: Sequence[int]) -> list[float]:
         return self._direct(lambda w: w.embed(tokens))
@@ -363,8 +368,8 @@ class ModelActor(SupervisedActor):
         assert self.cache is not None
         info = client.info
         match r.request.prompt:
-            case ChatPrompt(messages, template):
-                text = client.chat_template(messages, template)
+            case ChatPrompt(messages, template, tools):
+                text = client.chat_template(messages, template, tools)
                 r.prompt = client.tokenize(text, add_special=True, parse_special=True)
             case TextPrompt(text):
                 r.prompt = client.tokenize(text)

@@ -227,8 +227,10 @@ class Backend(Protocol):
         messages: Sequence[Mapping[str, Any]],
         add_generation_prompt: bool = True,
         template: str | None = None,
+        tools: Sequence[Mapping[str, Any]] | None = None,
     ) -> str:
-        """Render chat ``messages`` (``{"role": str, "content": str}``) to a prompt."""
+        """Render chat ``messages`` (``{"role": str, "content": str}``, plus OpenAI's
+        ``tool_calls`` / ``tool_call_id``) and ``tools`` to a prompt."""
         ...
 
     def new_sampler(

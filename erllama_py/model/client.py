@@ -47,7 +47,7 @@ from erllama_py.model.protocol import (
     raise_remote,
 )
 from erllama_py.model.statebuf import StateBuffer
-from erllama_py.params import ChatMessage
+from erllama_py.params import ChatMessage, Tool
 from supervisors import ProcessChild
 
 __all__ = ["WorkerClient", "log_tail", "start_worker"]
@@ -171,8 +171,13 @@ class WorkerClient:
     def detokenize(self, tokens: Sequence[int], special: bool = False) -> bytes:
         return self.call(Detokenize(list(tokens), special))
 
-    def chat_template(self, messages: Sequence[ChatMessage], template: str | None = None) -> str:
-        return self.call(ChatTemplate(list(messages), True, template))
+    def chat_template(
+        self,
+        messages: Sequence[ChatMessage],
+        template: str | None = None,
+        tools: Sequence[Tool] | None = None,
+    ) -> str:
+        return self.call(ChatTemplate(list(messages), True, template, tools))
 
     def new_sampler(self, spec: SamplerSpec) -> int:
         return self.call(NewSampler(spec))

@@ -113,6 +113,12 @@ from erllama_py.model.gguf import (
     fingerprint_gguf,
     quant_name,
 )
+from erllama_py.model.jinja_chat import (
+    generic_tool_messages,
+    is_jinja,
+    render_jinja,
+    supports_tools,
+)
 from erllama_py.model.llama_chat import render_builtin
 from erllama_py.model.llama_sampler import Chain, SamplerChains, grammar_text
 from erllama_py.model.llama_vocab import Vocab
@@ -410,24 +416,53 @@ class LlamaBackend:
         messages: Sequence[Mapping[str, Any]],
         add_generation_prompt: bool = True,
         template: str | None = None,
+        tools: Sequence[Mapping[str, Any]] | None = None,
     ) -> str:
-        """Render ``messages`` with ``template`` (a llama.cpp built-in name such as
-        ``"gemma"``, ``"chatml"``, ``"llama3"``, or template text), else the GGUF's
+        """Render ``messages`` (and ``tools``) with ``template`` (Jinja text, or a llama.cpp
+        built-in name such as ``"gemma"``, ``"chatml"``, ``"llama3"``), else the GGUF's
         template, else the model's fallback.
 
-        llama.cpp does not run Jinja: it recognises a known template family
-        from the text. Raises InvalidRequestError for a message without a
-        string ``role``/``content``, for no usable template, or for a template
-        llama.cpp does not know.
+        Jinja templates run in a sandbox (`erllama_py.model.jinja_chat`); a
+        built-in name goes to ``llama_chat_apply_template``. A leading BOS that
+        the template writes is dropped when tokenizing adds one anyway. Tools
+        and tool turns reach a template without tool support as a generic
+        system prompt and text. Raises InvalidRequestError for a malformed
+        message, no usable template, a template that fails or refuses, or
+        one llama.cpp does not know.
         """
-        msgs = validate_messages(messages)
         tmpl = template or self._info.chat_template or self._info.chat_template_fallback
         if not tmpl:
             raise InvalidRequestError(
                 "the model has no chat template; pass template= (e.g. 'chatml')",
                 param="template",
             )
-        return render_builtin(tmpl, msgs, add_generation_prompt)
+        raw: object = messages
+        if (
+            not isinstance(raw, list | tuple)
+            or not raw
+            or not all(isinstance(m, Mapping) for m in raw)
+        ):
+            validate_messages(messages)  # raises the precise error
+        if not supports_tools(tmpl) and (
+            tools or any(m.get("role") == "tool" or m.get("tool_calls") for m in messages)
+        ):
+            messages = generic_tool_messages(messages, tools)
+            tools = None
+        if not is_jinja(tmpl):
+            return render_builtin(tmpl, validate_messages(messages), add_generation_prompt)
+        bos = self._special_text(self._info.bos)
+        text = render_jinja(
+            tmpl, messages, tools=tools, add_generation_prompt=add_generation_prompt,
+            bos_token=bos, eos_token=self._special_text(self._info.eos),
+        )  # fmt: skip
+        if bos and self._info.add_bos and text.startswith(bos):
+            text = text[len(bos) :]
+        return text
+
+    def _special_text(self, token: int | None) -> str:
+        if token is None:
+            return ""
+        return self._vocab.piece(token, True).decode("utf-8", errors="replace")
 
     # --------------------------------------------------------------- samplers
 

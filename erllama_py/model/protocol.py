@@ -34,7 +34,7 @@ from erllama_py.errors import (
     ModelLoadError,
 )
 from erllama_py.model.backend import BackendInfo, Prefill
-from erllama_py.params import ChatMessage, SamplingParams
+from erllama_py.params import ChatMessage, SamplingParams, Tool
 
 __all__ = [
     "FD_MARK",
@@ -135,6 +135,7 @@ class ChatTemplate(Command[str]):
     messages: Sequence[ChatMessage]
     add_generation_prompt: bool = True
     template: str | None = None
+    tools: Sequence[Tool] | None = None
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ from erllama_py.errors import ErllamaError
 from erllama_py.kinds import FinishReason, HitKind, SaveReason
 from erllama_py.model.protocol import SamplerSpec
 from erllama_py.model.textstream import TextStream
-from erllama_py.params import ChatMessage, RequestOptions
+from erllama_py.params import ChatMessage, RequestOptions, Tool
 from erllama_py.results import Completion, Delta, Done, TokenLogprob
 
 __all__ = [
@@ -65,6 +65,7 @@ class ChatPrompt:
 
     messages: tuple[ChatMessage, ...]
     template: str | None = None
+    tools: tuple[Tool, ...] | None = None
 
 
 PromptInput = TokenPrompt | TextPrompt | ChatPrompt

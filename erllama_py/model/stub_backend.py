@@ -55,6 +55,7 @@ from erllama_py.model.backend import (
     validate_seq,
     validate_tokens,
 )
+from erllama_py.model.jinja_chat import generic_tool_messages
 from erllama_py.model.statebuf import (
     FLAG_LOGITS,
     HEADER_SIZE,
@@ -209,9 +210,13 @@ class StubBackend:
         messages: Sequence[Mapping[str, Any]],
         add_generation_prompt: bool = True,
         template: str | None = None,
+        tools: Sequence[Mapping[str, Any]] | None = None,
     ) -> str:
-        """``"<role>: <content>\\n"`` per message (the template arguments are ignored)."""
+        """``"<role>: <content>\\n"`` per message (the template arguments are ignored; tools
+        and tool turns become text as for any template without tool support)."""
         self._check()
+        if tools or any(m.get("role") == "tool" or m.get("tool_calls") for m in messages):
+            messages = generic_tool_messages(messages, tools)
         return "".join(f"{role}: {content}\n" for role, content in validate_messages(messages))
 
     # --------------------------------------------------------------- samplers

@@ -15,8 +15,9 @@ ids      pieces                                      token type
          each ``▁word`` of ``vocab_words``           1 (normal)
 =======  ==========================================  ==========
 
-The model's ``tokenizer.chat_template`` is a chatml jinja template, which
-``llama_chat_apply_template`` recognises by its ``<|im_start|>`` marker.
+The model's ``tokenizer.chat_template`` is a chatml Jinja template (or any
+template given, ``--chat-template FILE`` on the command line), rendered by
+`erllama_py.model.jinja_chat`.
 Its output is gibberish, but prefill, decode, per-sequence state save and
 restore and greedy determinism are all real llama.cpp computations.
 
@@ -237,13 +238,26 @@ def main_make_test_model(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--n-layer", type=int, default=2)
     parser.add_argument("--n-embd", type=int, default=64)
     parser.add_argument("--n-ctx-train", type=int, default=4096)
+    parser.add_argument(
+        "--chat-template",
+        type=Path,
+        metavar="FILE",
+        help="write this Jinja file as tokenizer.chat_template (default: chatml)",
+    )
+    parser.add_argument("--no-chat-template", action="store_true", help="write no template")
     args = parser.parse_args(argv)
+    template: str | None = CHATML_TEMPLATE
+    if args.chat_template is not None:
+        template = args.chat_template.read_text(encoding="utf-8")
+    if args.no_chat_template:
+        template = None
     p = write_test_model(
         args.path,
         seed=args.seed,
         n_layer=args.n_layer,
         n_embd=args.n_embd,
         n_ctx_train=args.n_ctx_train,
+        chat_template=template,
     )
     print(f"{p} ({p.stat().st_size} bytes)")
     return 0

@@ -136,8 +136,8 @@ class _Server:
                 return b.tokenize(text, add_special, parse_special)
             case Detokenize(tokens, special):
                 return b.detokenize(tokens, special)
-            case ChatTemplate(messages, add_generation_prompt, template):
-                return b.apply_chat_template(messages, add_generation_prompt, template)
+            case ChatTemplate(messages, add_generation_prompt, template, tools):
+                return b.apply_chat_template(messages, add_generation_prompt, template, tools)
             case NewSampler(spec):
                 return self._new_sampler(spec)
             case FreeSampler(sampler):

@@ -3,9 +3,9 @@
 ``create_app(rt)`` builds it on a running runtime (a test builds a server in one
 line). Where errors go: the routes raise; `ApiKeys`, `BodyLimit` and
 `RequestContext` wrap everything (ids, the access log, metrics, 401, 413);
-FastAPI's exception handlers map our errors to OpenAI's envelope and status
-(`erllama_py.server.errors`); anything unexpected becomes a logged 500 without
-a trace.
+FastAPI's exception handlers map our errors to each family's envelope and status
+(`erllama_py.server.errors`: OpenAI's, or Anthropic's under ``/v1/messages``);
+anything unexpected becomes a logged 500 without a trace.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import erllama_py
 from erllama_py.config import ServerSettings
 from erllama_py.errors import ErllamaError
 from erllama_py.runtime import Runtime
-from erllama_py.server import health, openai_api
+from erllama_py.server import anthropic_api, health, openai_api
 from erllama_py.server.context import ServerContext
 from erllama_py.server.errors import (
     ApiError,
@@ -53,6 +53,7 @@ def create_app(
     )
     app.state.ctx = ServerContext(runtime, settings, metrics, started_at=time.time())
     app.include_router(openai_api.router)
+    app.include_router(anthropic_api.router)
     app.include_router(health.router)
 
     @app.get("/metrics", tags=["ops"], response_class=Response)
@@ -84,8 +85,15 @@ def create_app(
             CORSMiddleware,
             allow_origins=list(settings.cors_origins),
             allow_methods=["GET", "POST", "OPTIONS"],
-            allow_headers=["authorization", "content-type", "x-request-id", "x-api-key"],
-            expose_headers=["x-request-id", "retry-after"],
+            allow_headers=[
+                "authorization",
+                "content-type",
+                "x-request-id",
+                "x-api-key",
+                "anthropic-version",
+                "anthropic-beta",
+            ],
+            expose_headers=["x-request-id", "request-id", "retry-after"],
         )
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(ApiKeys, keys=settings.api_keys)

@@ -37,10 +37,14 @@ from erllama_py.errors import (
 __all__ = [
     "ApiError",
     "Failure",
+    "anthropic_error_body",
+    "anthropic_status",
     "erllama_error_handler",
     "error_body",
     "failure_of",
     "http_error_handler",
+    "is_anthropic",
+    "respond",
     "unexpected_error_handler",
     "validation_error_handler",
 ]
@@ -113,21 +117,69 @@ def error_body(failure: Failure) -> dict[str, dict[str, str | None]]:
     }
 
 
-def _respond(failure: Failure) -> JSONResponse:
+def is_anthropic(path: str) -> bool:
+    """Whether ``path`` is the Anthropic family's (its errors have Anthropic's envelope)."""
+    return path == ANTHROPIC_PREFIX or path.startswith(ANTHROPIC_PREFIX + "/")
+
+
+ANTHROPIC_PREFIX = "/v1/messages"
+_ANTHROPIC_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    504: "timeout_error",
+    529: "overloaded_error",
+}
+
+
+def anthropic_status(status: int) -> int:
+    """Anthropic's status for ours: a full queue (429) or a model restarting (503) is its
+    529 ``overloaded_error``."""
+    return 529 if status in (429, 503) else status
+
+
+def anthropic_error_body(failure: Failure, request_id: str | None) -> dict[str, object]:
+    """Anthropic's envelope: ``{"type": "error", "error": {"type", "message"}, "request_id"}``."""
+    status = anthropic_status(failure.status)
+    kind = _ANTHROPIC_TYPES.get(status, "invalid_request_error" if status < 500 else "api_error")
+    return {
+        "type": "error",
+        "error": {"type": kind, "message": failure.message},
+        "request_id": request_id,
+    }
+
+
+def respond(failure: Failure, path: str, request_id: str | None) -> JSONResponse:
+    """The error response for a request to ``path``, in its API family's envelope."""
+    if is_anthropic(path):
+        headers = failure.headers()
+        status = anthropic_status(failure.status)
+        if status == 529 and "retry-after" not in headers:
+            headers["retry-after"] = str(RETRY_AFTER_S)
+        return JSONResponse(anthropic_error_body(failure, request_id), status, headers=headers)
     return JSONResponse(error_body(failure), failure.status, headers=failure.headers())
 
 
-async def erllama_error_handler(_request: Request, exc: Exception) -> JSONResponse:
+def _respond(failure: Failure, request: Request | None = None) -> JSONResponse:
+    if request is None:
+        return JSONResponse(error_body(failure), failure.status, headers=failure.headers())
+    request_id = request.scope.get("state", {}).get("request_id")
+    return respond(failure, request.url.path, request_id)
+
+
+async def erllama_error_handler(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, ErllamaError)
     failure = failure_of(exc)
     if failure.status >= 500:
         log.warning("request failed: %s: %s", type(exc).__name__, exc)
-    return _respond(failure)
+    return _respond(failure, request)
 
 
-async def api_error_handler(_request: Request, exc: Exception) -> JSONResponse:
+async def api_error_handler(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, ApiError)
-    return _respond(exc.failure)
+    return _respond(exc.failure, request)
 
 
 def _param(loc: tuple[int | str, ...]) -> str:
@@ -147,7 +199,7 @@ def _param(loc: tuple[int | str, ...]) -> str:
     return out or "body"
 
 
-async def validation_error_handler(_request: Request, exc: Exception) -> JSONResponse:
+async def validation_error_handler(request: Request, exc: Exception) -> JSONResponse:
     """A wrong type, an out-of-range value or malformed JSON: 400 with ``param`` set."""
     assert isinstance(exc, RequestValidationError)
     errors = exc.errors()
@@ -159,16 +211,18 @@ async def validation_error_handler(_request: Request, exc: Exception) -> JSONRes
     else:
         param = _param(loc)
         message = f"{param}: {first.get('msg', 'invalid value')}"
-    return _respond(Failure(400, "invalid_request_error", message, "invalid_value", param))
+    return _respond(Failure(400, "invalid_request_error", message, "invalid_value", param), request)
 
 
-async def http_error_handler(_request: Request, exc: Exception) -> JSONResponse:
+async def http_error_handler(request: Request, exc: Exception) -> JSONResponse:
     """Routing errors (404 unknown path, 405 wrong method) in OpenAI's envelope."""
     assert isinstance(exc, HTTPException)
     kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
     codes = {404: "not_found", 405: "method_not_allowed"}
     failure = Failure(exc.status_code, kind, str(exc.detail), codes.get(exc.status_code))
     headers = dict(exc.headers or {})
+    if is_anthropic(request.url.path):
+        return _respond(failure, request)
     return JSONResponse(error_body(failure), exc.status_code, headers=headers)
 
 
@@ -176,4 +230,4 @@ async def unexpected_error_handler(request: Request, exc: Exception) -> JSONResp
     """A bug: logged with its trace, answered as a plain 500."""
     log.error("unexpected error on %s %s", request.method, request.url.path, exc_info=exc)
     failure = Failure(500, "server_error", "internal server error", "internal_error")
-    return _respond(failure)
+    return _respond(failure, request)

@@ -42,7 +42,10 @@ def bind_socket(host: str, port: int) -> socket.socket:
         ConfigError: the address is in use or cannot be bound (``server.port``/``host``).
     """
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY only on sockets whose proto says TCP,
+    # and without it Nagle holds a response's body (or the next SSE frame) behind its
+    # headers until the client's delayed ACK, some 40 ms later.
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))

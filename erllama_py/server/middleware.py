@@ -1,7 +1,11 @@
 """The ASGI layers around the routes, outermost first.
 
 - `RequestContext`: a request id (``x-request-id``, minted when absent) on every
-  response and in the access log, and the per-request metrics.
+  response and in the access log, the per-request metrics, and a ``server-timing``
+  header: ``app`` is the time from the request's arrival to its response's start
+  (for a JSON answer, all of it but the body's send), ``lib`` the time a route spent
+  in the runtime's API when it set ``request.state.library_ms``; their difference is
+  what the HTTP layer costs (bench/http_serving.py reads it).
 - `ApiKeys`: when keys are configured, every path but ``/health*`` needs
   ``Authorization: Bearer <key>`` (or ``x-api-key``), compared in constant time.
 - `BodyLimit`: a body over the cap is a 413, whether it announces its length or comes
@@ -21,7 +25,13 @@ import uuid
 from collections.abc import Awaitable, Callable, MutableMapping, Sequence
 from typing import Any
 
-from erllama_py.server.errors import Failure, error_body
+from erllama_py.server.errors import (
+    Failure,
+    anthropic_error_body,
+    anthropic_status,
+    error_body,
+    is_anthropic,
+)
 from erllama_py.server.metrics import Metrics
 
 __all__ = ["ApiKeys", "BodyLimit", "RequestContext"]
@@ -36,14 +46,19 @@ access_log = logging.getLogger("erllama_py.server.access")
 OPEN_PATHS = ("/health", "/health/ready")
 
 
-async def _send_failure(send: Send, failure: Failure, request_id: str | None = None) -> None:
-    body = json.dumps(error_body(failure)).encode()
+async def _send_failure(send: Send, failure: Failure, scope: Scope | None = None) -> None:
+    path = str(scope.get("path", "")) if scope is not None else ""
+    request_id = scope.get("state", {}).get("request_id") if scope is not None else None
+    status = failure.status
+    if is_anthropic(path):
+        body = json.dumps(anthropic_error_body(failure, request_id)).encode()
+        status = anthropic_status(status)
+    else:
+        body = json.dumps(error_body(failure)).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
     if failure.status == 401:
         headers.append((b"www-authenticate", b'Bearer realm="erllama-py"'))
-    if request_id:
-        headers.append((b"x-request-id", request_id.encode()))
-    await send({"type": "http.response.start", "status": failure.status, "headers": headers})
+    await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
 
 
@@ -72,12 +87,17 @@ class RequestContext:
         status = 500
         raw_id = request_id.encode("latin-1", errors="replace")
 
+        anthropic = is_anthropic(str(scope.get("path", "")))
+
         async def send_with_id(message: Message) -> None:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = int(message["status"])
                 headers = list(message.get("headers", ()))
                 headers.append((b"x-request-id", raw_id))
+                if anthropic:  # what Anthropic's SDKs read
+                    headers.append((b"request-id", raw_id))
+                headers.append((b"server-timing", _server_timing(scope, started)))
                 message["headers"] = headers
             await send(message)
 
@@ -97,6 +117,14 @@ class RequestContext:
                 elapsed * 1000.0,
                 request_id,
             )
+
+
+def _server_timing(scope: Scope, started: float) -> bytes:
+    timing = b"app;dur=%.3f" % ((time.perf_counter() - started) * 1000.0)
+    library_ms = scope.get("state", {}).get("library_ms")
+    if isinstance(library_ms, float):
+        timing += b", lib;dur=%.3f" % library_ms
+    return timing
 
 
 def _endpoint(scope: Scope) -> str:
@@ -136,8 +164,9 @@ class ApiKeys:
         if scope.get("method") == "OPTIONS" or self._allowed(scope):
             await self.app(scope, receive, send)
             return
-        message = "a valid API key is required (Authorization: Bearer <key>)"
-        await _send_failure(send, Failure(401, "invalid_request_error", message, "invalid_api_key"))
+        message = "a valid API key is required (Authorization: Bearer <key>, or x-api-key)"
+        failure = Failure(401, "invalid_request_error", message, "invalid_api_key")
+        await _send_failure(send, failure, scope)
 
 
 class BodyLimit:
@@ -157,7 +186,7 @@ class BodyLimit:
             return
         length = _header(scope, b"content-length")
         if length is not None and length.isdigit() and int(length) > self.max_bytes:
-            await _send_failure(send, self._failure())
+            await _send_failure(send, self._failure(), scope)
             return
         if length is not None:
             await self.app(scope, receive, send)
@@ -172,7 +201,7 @@ class BodyLimit:
             chunk = bytes(message.get("body", b""))
             seen += len(chunk)
             if seen > self.max_bytes:
-                await _send_failure(send, self._failure())
+                await _send_failure(send, self._failure(), scope)
                 return
             chunks.append(chunk)
             if not message.get("more_body", False):

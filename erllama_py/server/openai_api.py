@@ -35,6 +35,7 @@ from erllama_py.model_handle import ModelHandle
 from erllama_py.params import ChatMessage, CompletionOptions
 from erllama_py.results import Completion, Delta, Done, ModelInfo, TokenLogprob
 from erllama_py.server import openai_schemas as wire
+from erllama_py.server import openai_tools
 from erllama_py.server.context import ServerContext, server_context
 from erllama_py.server.errors import ApiError, Failure, error_body, failure_of
 from erllama_py.streams import AsyncEventStream
@@ -142,9 +143,15 @@ def _flatten(messages: Sequence[wire.ChatMessageIn]) -> list[ChatMessage]:
                     raise _bad(f"{param}: {part.type} content is not supported (text only)", param)
                 texts.append(part.text)
             content = "".join(texts)
+        # OpenAI's newer name for the system role, which chat templates do not know.
+        role = "system" if m.role == "developer" else m.role
+        message: ChatMessage = {"role": role, "content": content or ""}
         if m.tool_calls:
-            raise _bad("tool calls are not supported yet", f"messages[{i}].tool_calls")
-        message: ChatMessage = {"role": m.role, "content": content or ""}
+            message["tool_calls"] = [
+                {"id": c.id, "type": "function",
+                 "function": {"name": c.function.name, "arguments": c.function.arguments}}
+                for c in m.tool_calls
+            ]  # fmt: skip
         if m.name is not None:
             message["name"] = m.name
         if m.tool_call_id is not None:
@@ -178,6 +185,15 @@ async def _unless_disconnected(request: Request, work: Awaitable[T]) -> T:
         # Nobody reads this answer; the status tells the access log and the metrics.
         raise ApiError(Failure(499, "invalid_request_error", "the client disconnected"))
     return task.result()
+
+
+async def _timed(request: Request, work: Awaitable[T]) -> T:
+    """Await `work`, noting how long it took as the ``lib`` part of ``server-timing``."""
+    started = time.perf_counter()
+    try:
+        return await work
+    finally:
+        request.state.library_ms = (time.perf_counter() - started) * 1000.0
 
 
 # ---------------------------------------------------------------------- choices
@@ -289,16 +305,25 @@ async def chat_completions(
         raise _bad("top_logprobs needs logprobs: true", "top_logprobs")
     logprobs = (top or 0) if body.logprobs else None
     options = _options(body, ctx, max_tokens, logprobs)
-    prompt = _Prompt(messages=_flatten(body.messages))
+    messages = _flatten(body.messages)
+    prompt = _Prompt(messages=messages)
     created = int(time.time())
     completion_id = f"chatcmpl-{secrets.token_hex(12)}"
+    job = openai_tools.tool_job(body, ctx, messages, options)
+    if job is not None:
+        return await openai_tools.respond_with_tools(
+            job, ctx=ctx, body=body, info=info, completion_id=completion_id, created=created,
+            fingerprint=_fingerprint(info), guard=lambda work: _unless_disconnected(request, work),
+        )  # fmt: skip
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return await _chat_stream(
             ctx=ctx, m=m, info=info, prompt=prompt, body=body, options=options,
             completion_id=completion_id, created=created, include_usage=include_usage,
         )  # fmt: skip
-    results, cached = await _unless_disconnected(request, _run_choices(m, prompt, body.n, options))
+    results, cached = await _unless_disconnected(
+        request, _timed(request, _run_choices(m, prompt, body.n, options))
+    )
     for result in results:
         ctx.metrics.observe_completion(body.model, result)
     reply = wire.ChatCompletion(
@@ -519,7 +544,7 @@ async def completions(body: wire.CompletionRequest, request: Request, ctx: Conte
         done = await asyncio.gather(*runs)
         return [(p, results, cached) for p, (results, cached) in zip(prompts, done, strict=True)]
 
-    outcome = await _unless_disconnected(request, run_all())
+    outcome = await _unless_disconnected(request, _timed(request, run_all()))
     choices: list[wire.CompletionChoice] = []
     all_results: list[Completion] = []
     prompt_tokens = completion_tokens = cached_tokens = 0

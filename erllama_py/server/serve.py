@@ -90,8 +90,12 @@ def _busy(rt: Runtime) -> bool:
 def start_serving(
     config: Config, *, host: str | None = None, port: int | None = None,
     on_listening: Callable[[str], None] | None = None,
+    before_load: Callable[[Runtime, str], None] | None = None,
 ) -> Serving:  # fmt: skip
     """Start the runtime, attach the HTTP server, then load the configured models.
+
+    `before_load(runtime, url)` runs once the server listens, before the models load (the
+    daemon attaches its control socket there).
 
     Raises:
         ConfigError: a bad configuration, or an address that cannot be bound.
@@ -112,6 +116,8 @@ def start_serving(
         rt.attach(http_child_spec(lambda: create_app(rt, settings, metrics), settings, address))
         if on_listening is not None:
             on_listening(address.url)
+        if before_load is not None:
+            before_load(rt, address.url)
         rt.load_configured_models()
     except BaseException:
         rt.stop()

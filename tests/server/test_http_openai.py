@@ -57,6 +57,9 @@ def test_a_chat_completion_validates_as_the_clients_type_and_reports_cached_toke
     )
     assert raw.status_code == 200
     assert raw.headers["x-request-id"].startswith("req_")
+    # server-timing: the whole server time, and the part of it spent in the runtime's API.
+    timing = dict(part.strip().split(";dur=") for part in raw.headers["server-timing"].split(","))
+    assert set(timing) == {"app", "lib"} and 0 < float(timing["lib"]) <= float(timing["app"])
     reply = ChatCompletion.model_validate(raw.json())
     assert reply.object == "chat.completion" and reply.model == "tiny"
     assert reply.id.startswith("chatcmpl-")
