@@ -55,11 +55,15 @@ class TextStream:
             start = max(0, self._emitted - self._hold)
             found = self._find_stop(start)
             if found is not None:
-                self.match = found
-                out = self._text[self._emitted : found.position]
-                self._emitted = found.position
-                return out
-            safe = len(self._text) - self._partial_stop()
+                earlier = self._pending_before(found)
+                if earlier is None:
+                    self.match = found
+                    out = self._text[self._emitted : found.position]
+                    self._emitted = found.position
+                    return out
+                safe = earlier  # a stop that would win may still complete: hold from there
+            else:
+                safe = len(self._text) - self._partial_stop()
         else:
             safe = len(self._text)
         if safe <= self._emitted:
@@ -72,6 +76,8 @@ class TextStream:
         """At the end: return whatever was held back (incomplete UTF-8 becomes U+FFFD)."""
         if self.match is None:
             self._text += self._decoder.decode(b"", final=True)
+            if self._stops:  # nothing more can complete: the leftmost match found is final
+                self.match = self._find_stop(max(0, self._emitted - self._hold))
         end = self.match.position if self.match is not None else len(self._text)
         out = self._text[self._emitted : end]
         self._emitted = end
@@ -86,6 +92,18 @@ class TextStream:
                     longest = k
                     break
         return longest
+
+    def _pending_before(self, found: StopMatch) -> int | None:
+        """Where the text's tail starts a stop that would beat `found` once complete:
+        one starting earlier, or at the same place and longer. None if there is none."""
+        first = max(0, len(self._text) - self._hold)
+        for start in range(first, found.position + 1):
+            tail = self._text[start:]
+            for stop in self._stops:
+                beats = start < found.position or len(stop) > len(found.stop)
+                if beats and len(stop) > len(tail) and stop.startswith(tail):
+                    return start
+        return None
 
     def _find_stop(self, start: int) -> StopMatch | None:
         best: StopMatch | None = None

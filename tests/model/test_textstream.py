@@ -61,6 +61,25 @@ def test_nothing_is_emitted_after_a_match() -> None:
     assert stream.flush() == ""
 
 
+def test_a_short_stop_inside_a_longer_one_that_starts_earlier_waits_for_it() -> None:
+    # "C" matches first, but "0C0" starts earlier and wins once its last character comes.
+    stream = TextStream(["C", "0C0"])
+    assert stream.feed(b"0C") == ""
+    assert stream.feed(b"0") == ""
+    assert stream.match is not None and (stream.match.stop, stream.match.position) == ("0C0", 0)
+    other = TextStream(["C", "0C0"])
+    assert other.feed(b"0C") == ""
+    assert other.feed(b"x") == "0"  # "0C0" can no longer match: "C" at 1 stands
+    assert other.match is not None and other.match.stop == "C"
+
+
+def test_a_stop_held_back_at_the_end_is_applied_by_flush() -> None:
+    stream = TextStream(["C", "0C0"])
+    assert stream.feed(b"0C") == ""
+    assert stream.flush() == "0"
+    assert stream.text == "0"
+
+
 def test_an_incomplete_character_at_the_end_becomes_a_replacement() -> None:
     stream = TextStream()
     assert stream.feed("é".encode()[:1]) == ""
