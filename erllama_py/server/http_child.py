@@ -107,6 +107,10 @@ class HttpServer(SupervisedActor):
             # them); uvicorn's own deadline, later, only catches what that leaves.
             timeout_graceful_shutdown=round(self._settings.shutdown_timeout_s) + 10,
             timeout_keep_alive=30,
+            # The same event loop whatever else is installed (Ray's extra brings uvloop):
+            # uvloop swallows an exception raised in a callback, so a crash of the HTTP
+            # layer would no longer reach its supervisor; asyncio also sets TCP_NODELAY.
+            loop="asyncio",
         )
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._run, name=f"http {self.url}", daemon=True)
