@@ -26,7 +26,7 @@ from typing import Any, NamedTuple, Protocol, runtime_checkable
 import numpy as np
 
 from erllama_py.errors import ContextOverflowError, InvalidRequestError
-from erllama_py.model.statebuf import Allocate, StateBuffer
+from erllama_py.model.statebuf import Allocate, PackTarget, StateBuffer
 from erllama_py.params import SamplingParams
 
 __all__ = [
@@ -304,6 +304,32 @@ class Backend(Protocol):
     def close(self) -> None:
         """Free everything (idempotent)."""
         ...
+
+
+class PackInto(Protocol):
+    def __call__(
+        self, seq: int, allocate: Allocate, allow_no_logits: bool = False, canonical: bool = False
+    ) -> int: ...
+
+
+def pack_to_new_buffer(
+    pack_into: PackInto, seq: int, allow_no_logits: bool, canonical: bool
+) -> StateBuffer:
+    """`pack_into` a fresh shared buffer of exactly the state's size, sealed; closed on error."""
+    made: list[StateBuffer] = []
+
+    def fresh(size: int) -> PackTarget:
+        made.append(StateBuffer.create(size))
+        return made[0].target()
+
+    try:
+        pack_into(seq, fresh, allow_no_logits, canonical)
+        made[0].seal()
+    except BaseException:
+        for buf in made:
+            buf.close()
+        raise
+    return made[0]
 
 
 def validate_tokens(tokens: Sequence[int], n_vocab: int, allow_empty: bool = False) -> np.ndarray:

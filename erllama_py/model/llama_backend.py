@@ -101,6 +101,7 @@ from erllama_py.model.backend import (
     StepResult,
     check_step,
     log_softmax_top,
+    pack_to_new_buffer,
     validate_messages,
     validate_seq,
     validate_tokens,
@@ -128,7 +129,6 @@ from erllama_py.model.statebuf import (
     HEADER_SIZE,
     KIND_LLAMA,
     Allocate,
-    PackTarget,
     StateBuffer,
     StateHeader,
     buffer_address,
@@ -743,20 +743,7 @@ class LlamaBackend:
         a prefill after unpack before it can be decoded. The state bytes are
         written by ``llama_state_seq_get_data`` straight into the mapping.
         """
-        made: list[StateBuffer] = []
-
-        def fresh(size: int) -> PackTarget:
-            made.append(StateBuffer.create(size))
-            return made[0].target()
-
-        try:
-            self.pack_into(seq, fresh, allow_no_logits, canonical)
-            made[0].seal()
-        except BaseException:
-            for buf in made:
-                buf.close()
-            raise
-        return made[0]
+        return pack_to_new_buffer(self.pack_into, seq, allow_no_logits, canonical)
 
     @_api
     def pack_into(

@@ -51,6 +51,7 @@ from erllama_py.model.backend import (
     StepResult,
     check_step,
     log_softmax_top,
+    pack_to_new_buffer,
     validate_messages,
     validate_seq,
     validate_tokens,
@@ -61,7 +62,6 @@ from erllama_py.model.statebuf import (
     HEADER_SIZE,
     KIND_STUB,
     Allocate,
-    PackTarget,
     StateBuffer,
     StateHeader,
     encode_header,
@@ -381,20 +381,7 @@ class StubBackend:
 
     def pack(self, seq: int, allow_no_logits: bool = False, canonical: bool = False) -> StateBuffer:
         """Save ``seq``: its logits (see :func:`stub_logits`) and token list."""
-        made: list[StateBuffer] = []
-
-        def fresh(size: int) -> PackTarget:
-            made.append(StateBuffer.create(size))
-            return made[0].target()
-
-        try:
-            self.pack_into(seq, fresh, allow_no_logits, canonical)
-            made[0].seal()
-        except BaseException:
-            for buf in made:
-                buf.close()
-            raise
-        return made[0]
+        return pack_to_new_buffer(self.pack_into, seq, allow_no_logits, canonical)
 
     def pack_into(
         self, seq: int, allocate: Allocate, allow_no_logits: bool = False, canonical: bool = False
