@@ -19,8 +19,8 @@ import pykka
 from erllama_py.cache.handle import CacheHandle
 from erllama_py.cache.state import CacheState
 from erllama_py.cache.tree import cache_sup_spec
-from erllama_py.config import Config
-from erllama_py.model.arena import Arena
+from erllama_py.config import Config, TierKind
+from erllama_py.model.arena import Arena, segments_for
 from erllama_py.model.registry import ModelRegistry, ModelTable
 from erllama_py.model.tree import model_sup_spec
 from erllama_py.pressure import PRESSURE_NAME, PressureActor
@@ -54,7 +54,8 @@ def start_tree(config: Config) -> Tree:
     cache_shared = CacheState(settings=config.cache, registry=registry)
     cache = CacheHandle(cache_shared)
     table = ModelTable()
-    arena = Arena()
+    ram_quota = sum(t.quota_bytes for t in config.cache.tiers if t.kind is TierKind.RAM)
+    arena = Arena(max_segments=segments_for(ram_quota))
     restart = config.restart
     children = [
         cache_sup_spec(cache_shared),

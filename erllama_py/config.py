@@ -55,7 +55,7 @@ DEFAULT_PERIOD_S = 30.0  # ... within this many seconds, then escalate
 DEFAULT_MODEL_INTENSITY = 3  # context worker restarts ...
 DEFAULT_MODEL_PERIOD_S = 60.0  # ... within this many seconds, then the model is failed
 DEFAULT_RAM_QUOTA_MB = 2048
-DEFAULT_RAM_FILE_QUOTA_MB = 2048
+DEFAULT_RAM_FILE_QUOTA_MB = 1024
 DEFAULT_DISK_QUOTA_MB = 8192
 DEFAULT_WRITERS = 2  # concurrent saves
 DEFAULT_RESERVATION_TTL_S = 60.0
@@ -356,9 +356,14 @@ class RaySettings:
     app_name: str = "erllama-py"
 
 
+DEFAULT_RAM_FILE_ROOT = Path("/dev/shm/erllama-py")  # tmpfs
+
+
 def _default_tiers() -> tuple[TierSettings, ...]:
+    """The tiers of the shipped sys.yaml (a test holds the two equal)."""
     return (
         TierSettings(TierKind.RAM, DEFAULT_RAM_QUOTA_MB * MB),
+        TierSettings(TierKind.RAM_FILE, DEFAULT_RAM_FILE_QUOTA_MB * MB, DEFAULT_RAM_FILE_ROOT),
         TierSettings(TierKind.DISK, DEFAULT_DISK_QUOTA_MB * MB, _cache_dir() / "kvc"),
     )
 

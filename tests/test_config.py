@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 from pathlib import Path
 from typing import Any
@@ -44,7 +45,7 @@ def _error(raw: dict[str, Any]) -> ConfigError:
 def test_no_config_gives_every_default() -> None:
     config = load_config(None)
     assert isinstance(config, Config)
-    assert [t.kind for t in config.cache.tiers] == ["ram", "disk"]
+    assert [t.kind for t in config.cache.tiers] == ["ram", "ram_file", "disk"]
     assert config.policy == SavePolicy()
     assert config.models == ()
     assert config.restart.intensity == 5
@@ -56,6 +57,15 @@ def test_the_shipped_sys_yaml_is_valid() -> None:
     assert config.models[0].name == "gemma-3-270m"
     assert config.models[0].model == "gemma-3-270m"
     assert [t.kind for t in config.cache.tiers] == ["ram", "ram_file", "disk"]
+
+
+def test_the_defaults_are_the_shipped_sys_yaml(monkeypatch: pytest.MonkeyPatch) -> None:
+    # One set of defaults: a config that leaves out a section gets what sys.yaml says.
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    monkeypatch.delenv("XDG_RUNTIME_DIR", raising=False)
+    monkeypatch.delenv("XDG_STATE_HOME", raising=False)
+    shipped = load_config(REPO / "sys.yaml")
+    assert dataclasses.replace(shipped, models=()) == load_config(None)
 
 
 def test_settings_are_frozen() -> None:

@@ -91,6 +91,9 @@ class CacheHandle:
             payload=payload,
             reason=kvc.save_reason(reason),
             tier=tier_name,
+            # A tier whose rows are all pinned (claimed by readers) has no room now: the
+            # row goes to the next slower tier with room rather than being dropped.
+            fallback_tiers=self._tiers_that_hold(index, index.slower_tiers(tier_name), payload),
             owns_payload=owns_payload,
             extra=extra,
         )
@@ -99,9 +102,18 @@ class CacheHandle:
             # RAM row can later be demoted to a file tier.
             kvc.build_prefix_encoded(namespace, b"", b"", job.reason, extra=extra)
             key = self._save_ram(job)
+            tier_name = job.future.result().tier
         else:
             key = submit_reserved(self.shared, job)
+            tier_name = job.tier
         return SaveTicket(key=key, tier=tier_name, future=job.future)
+
+    @staticmethod
+    def _tiers_that_hold(
+        index: CacheIndex, tiers: tuple[str, ...], payload: Payload
+    ) -> tuple[str, ...]:
+        size = payload_view(payload).nbytes
+        return tuple(t for t in tiers if size <= index.tier_settings(t).quota_bytes)
 
     def _tier_that_holds(self, index: CacheIndex, tier: str, payload: Payload) -> str:
         """`tier`, or the first slower tier whose quota can hold the payload when `tier`'s

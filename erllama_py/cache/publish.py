@@ -102,11 +102,12 @@ class SaveJob:
     """One save for the writer pool.
 
     ``tokens`` are u32 little-endian bytes. ``fallback_tiers`` are tried in
-    order when ``tier`` has no room (demotion). With ``owns_payload`` the
-    writer releases the payload once it is written (or dropped), unless the
-    RAM tier kept it. A job submitted by a model is *reserved* before it is
-    queued (``prefix``, ``key``, ``token`` set: steps 1-2 ran in the caller),
-    so that a request waiting for that key knows a save is on its way.
+    order when ``tier`` has no room (a demotion, or a tier whose rows are all
+    pinned). With ``owns_payload`` the writer releases the payload once it is
+    written (or dropped), unless the RAM tier kept it. A job submitted by a
+    model is *reserved* before it is queued (``prefix``, ``key``, ``token``
+    set: steps 1-2 ran in the caller), so that a request waiting for that key
+    knows a save is on its way.
     """
 
     namespace: Namespace
@@ -150,7 +151,7 @@ def run_save(
             result = _save_file(job, job.tier, meta, stores[job.tier], writer)
             _count(result, job, counters)
             return result
-        last_error: CacheError | None = None
+        first_error: CacheError | None = None
         for tier in (job.tier, *job.fallback_tiers):
             try:
                 if tier not in stores:  # the RAM tier has no file store
@@ -160,14 +161,17 @@ def run_save(
                     result = _save_file(job, tier, meta, stores[tier], writer)
             except (TierFullError, PayloadTooLargeError) as exc:
                 # No room in this tier (or a row bigger than its whole quota): try the next.
-                last_error = exc
+                first_error = first_error or exc
                 continue
             _count(result, job, counters)
-            if job.demotion and result.status != "already_present":
-                meta.count_demotion_in(result.tier)
+            if job.demotion:
+                if result.status != "already_present":
+                    meta.count_demotion_in(result.tier)
+            elif tier != job.tier:
+                counters.incr("saves_redirected")
             return result
-        assert last_error is not None
-        raise last_error
+        assert first_error is not None
+        raise first_error
     except CacheError as exc:
         counters.incr("saves_dropped")
         if isinstance(exc, CacheFormatError):

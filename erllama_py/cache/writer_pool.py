@@ -19,7 +19,13 @@ import pykka
 from erllama_py.cache.meta_client import meta_client
 from erllama_py.cache.publish import SaveJob, SaveResult, prepare_file_save, run_save
 from erllama_py.cache.state import WRITER_NAME, CacheState
-from erllama_py.errors import CacheError, ReservationError, RuntimeStoppedError
+from erllama_py.errors import (
+    CacheError,
+    PayloadTooLargeError,
+    ReservationError,
+    RuntimeStoppedError,
+    TierFullError,
+)
 from supervisors import ActorKilledError, SupervisedActor
 
 __all__ = ["WriterActor", "inbox_depth", "pick_writer", "submit_reserved", "submit_unreserved"]
@@ -142,7 +148,7 @@ def submit_reserved(shared: CacheState, job: SaveJob) -> bytes:
     prefix, key, size = prepare_file_save(job)
     ref, writer_id = pick_writer(shared)
     try:
-        token = meta_client(shared).ask.reserve(job.reserve_request(key, job.tier, size, writer_id))
+        token = _reserve_first_with_room(shared, job, key, size, writer_id)
     except ReservationError as exc:
         if exc.reason != "already_present":
             shared.counters.incr("saves_dropped")
@@ -161,6 +167,32 @@ def submit_reserved(shared: CacheState, job: SaveJob) -> bytes:
         meta_client(shared).tell.cancel(key, job.tier, token)
         _fail(job, CacheError("the writer stopped before this save ran"))
     return key
+
+
+def _reserve_first_with_room(
+    shared: CacheState, job: SaveJob, key: bytes, size: int, writer_id: str
+) -> int:
+    """Reserve in `job.tier`, else in the first of its fallback tiers with room (then
+    `job.tier` names it, counted in ``saves_redirected``); returns the token.
+
+    Raises:
+        the first tier's TierFullError / PayloadTooLargeError when none has room.
+    """
+    first_error: TierFullError | PayloadTooLargeError | None = None
+    for tier in (job.tier, *job.fallback_tiers):
+        if tier not in shared.files:  # a RAM tier never follows a file tier
+            continue
+        try:
+            token = meta_client(shared).ask.reserve(job.reserve_request(key, tier, size, writer_id))
+        except (TierFullError, PayloadTooLargeError) as exc:
+            first_error = first_error or exc
+            continue
+        if tier != job.tier:
+            shared.counters.incr("saves_redirected")
+            job.tier = tier
+        return int(token)
+    assert first_error is not None
+    raise first_error
 
 
 def submit_unreserved(shared: CacheState, job: SaveJob) -> None:

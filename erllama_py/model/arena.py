@@ -40,12 +40,21 @@ __all__ = [
     "ArenaSlice",
     "FreeList",
     "SlotRef",
+    "segments_for",
 ]
 
 PAGE = 4096
 DEFAULT_SEGMENT_BYTES = 1 << 30  # virtual size of a segment (sparse: costs no memory)
 DEFAULT_MAX_SEGMENTS = 32
 _segment_ids = itertools.count(1)  # unique in the process, so ids never name two memfds
+
+
+def segments_for(ram_quota_bytes: int, segment_bytes: int = DEFAULT_SEGMENT_BYTES) -> int:
+    """How many segments an arena may make for a RAM tier of `ram_quota_bytes`: room for
+    the tier twice over (free space left between slots, and the states packed for file
+    tiers that are in flight beside it), and never fewer than `DEFAULT_MAX_SEGMENTS`."""
+    whole = -(-ram_quota_bytes // segment_bytes)
+    return max(DEFAULT_MAX_SEGMENTS, 2 * whole + 2)
 
 
 class ArenaFullError(OSError):

@@ -228,10 +228,11 @@ def test_a_row_larger_than_its_tier_quota_is_refused_with_payload_too_large(
 
 
 @pytest.mark.parametrize("kind", ["ram", "ram_file", "disk"])
-def test_a_tier_full_of_pinned_rows_refuses_with_tier_full(
+def test_a_lone_tier_full_of_pinned_rows_refuses_with_tier_full(
     make_cache: Any, ns: Namespace, kind: str
 ) -> None:
-    cache = make_cache(**{kind: 100 * KB}, demote_on_evict=False)
+    alone: dict[str, int | None] = {"ram": None, "ram_file": None, "disk": None}
+    cache = make_cache(**{**alone, kind: 100 * KB}, demote_on_evict=False)
     keys = [cache.save(ns, [i], payload(30 * KB, i), tier=kind) for i in range(3)]
     claims = [cache.claim(key) for key in keys]
     with pytest.raises(TierFullError) as caught:
@@ -246,6 +247,26 @@ def test_a_tier_full_of_pinned_rows_refuses_with_tier_full(
     for claim in (claims[0], claims[2]):
         cache.checkin(claim)  # type: ignore[arg-type]
     assert cache.check() == []
+
+
+@pytest.mark.parametrize(("kind", "next_kind"), [("ram", "ram_file"), ("ram_file", "disk")])
+def test_a_save_to_a_tier_full_of_pinned_rows_goes_to_the_next_tier_with_room(
+    make_cache: Any, ns: Namespace, kind: str, next_kind: str
+) -> None:
+    cache = make_cache(**{kind: 100 * KB}, demote_on_evict=False)
+    keys = [cache.save(ns, [i], payload(30 * KB, i), tier=kind) for i in range(3)]
+    claims = [cache.claim(key) for key in keys]
+    ticket = cache.save_async(ns, [9], payload(30 * KB, 9), tier=kind)
+    assert ticket.result(10).tier == ticket.tier and ticket.tier.startswith(next_kind)
+    info = cache.lookup_key(ticket.key)
+    assert info is not None and info.tier == ticket.tier
+    assert all(cache.lookup_key(key) is not None for key in keys)  # no pinned row went
+    counters = cache.counters()
+    assert counters.saves_redirected == 1 and counters.saves_dropped == 0
+    loaded = cache.load(cache.claim(ticket.key), promote=False)  # type: ignore[arg-type]
+    assert loaded is not None and bytes(loaded) == payload(30 * KB, 9)
+    for claim in claims:
+        cache.checkin(claim)  # type: ignore[arg-type]
 
 
 def test_ram_byte_gauges_stay_exact_under_concurrent_saves_claims_and_evictions(

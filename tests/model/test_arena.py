@@ -15,7 +15,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from erllama_py.model.arena import PAGE, Arena, ArenaFullError, FreeList
+from erllama_py.model.arena import (
+    DEFAULT_MAX_SEGMENTS,
+    PAGE,
+    Arena,
+    ArenaFullError,
+    FreeList,
+    segments_for,
+)
 
 
 @settings(max_examples=200, deadline=None)
@@ -113,3 +120,24 @@ def test_a_full_arena_raises_a_typed_os_error() -> None:
         arena.close()
     with pytest.raises(ValueError, match="closed"):
         arena.allocate(1)
+
+
+@pytest.mark.parametrize("row_pages", [1, 9, 15, 16])
+def test_an_arena_sized_for_a_ram_quota_holds_a_full_tier_of_rows(row_pages: int) -> None:
+    # 9-page rows in 16-page segments: each segment holds one, wasting almost half of it
+    # (the worst case of fragmentation), yet the whole quota fits beside a few packs.
+    segment = 16 * PAGE
+    quota = 40 * segment  # more than DEFAULT_MAX_SEGMENTS segments' worth
+    arena = Arena(segment_bytes=segment, max_segments=segments_for(quota, segment))
+    try:
+        rows = [arena.allocate(row_pages * PAGE) for _ in range(quota // (row_pages * PAGE))]
+        packs = [arena.allocate(row_pages * PAGE) for _ in range(2)]  # saves in flight
+        assert arena.live_bytes == (len(rows) + len(packs)) * row_pages * PAGE
+    finally:
+        arena.close()
+
+
+def test_the_segment_cap_grows_with_the_ram_quota_and_keeps_a_floor() -> None:
+    gib = 1 << 30
+    assert segments_for(0) == segments_for(2 * gib) == DEFAULT_MAX_SEGMENTS
+    assert segments_for(64 * gib) == 130

@@ -805,6 +805,8 @@ def test_the_runtime_is_a_context_manager_and_refuses_calls_once_stopped(make_ru
 def test_start_accepts_none_for_all_defaults_and_stops_cleanly(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg-cache"))
     monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "xdg-state"))
+    # The default ram_file root is machine-wide (/dev/shm/erllama-py): not this test's.
+    monkeypatch.setattr(erllama_py.config, "DEFAULT_RAM_FILE_ROOT", tmp_path / "shm")
     rt = erllama_py.start()
     try:
         assert rt.models() == []
