@@ -224,6 +224,6 @@ def replicas_table(status: RayStatus) -> Table:
             r.replica, r.node_id[:12], str(r.slot), str(r.pid), _by_kind(r.hits),
             str(r.misses), _by_kind(r.saves), *cells, str(r.running), str(r.queued),
         )  # fmt: skip
-    for error in status.errors:
-        table.caption = f"{table.caption + '; ' if table.caption else ''}no answer: {error}"
+    if status.errors:
+        table.caption = "; ".join(f"no answer: {e}" for e in status.errors)
     return table
