@@ -7,6 +7,7 @@
     erllama-py run [--config sys.yaml] [--once]    start the runtime, print its tree, serve prompts
     erllama-py daemon start|stop|status|restart|logs   the server in the background
     erllama-py models | complete | chat | cache | tree | repl   clients of the running daemon
+    erllama-py status [--url URL]                  the replicas of a Ray Serve deployment
     erllama-py check-config [--config sys.yaml]    validate a configuration
     erllama-py fetch-default-model                 assemble gemma-3-270m, print its path
     erllama-py make-test-model PATH                write a tiny random-weight GGUF for tests

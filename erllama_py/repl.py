@@ -5,6 +5,10 @@
 use the same control requests (`erllama_py.daemon.control_ops`), so they show the same
 things. ``help()`` lists the helpers; ``help(kill)`` shows one.
 
+``erllama-py repl --url URL`` attaches over HTTP only, to a server without a control
+socket (a Ray Serve deployment): ``replicas()`` and ``complete()`` work there, the
+helpers that need the socket say so.
+
 Attaching is read-mostly: `kill` and `restart` ask for confirmation unless the REPL was
 started with ``--yes`` (``embed(rt, yes=True)``).
 """
@@ -17,7 +21,7 @@ import contextlib
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from rich.console import Console
 from rich.pretty import install as install_pretty
@@ -40,6 +44,8 @@ from erllama_py.daemon.messages import (
     KillRequest,
     ModelsReply,
     ModelsRequest,
+    Reply,
+    Request,
     RestartReply,
     RestartRequest,
     RowsReply,
@@ -50,16 +56,36 @@ from erllama_py.daemon.messages import (
     TreeRequest,
 )
 from erllama_py.daemon.process import format_status
+from erllama_py.daemon.replicas import NotOnRayError, ReplicaRow, fetch_replicas, replicas_table
 from erllama_py.runtime import Runtime
 from erllama_py.treeview import render_tree
 
-__all__ = ["HELPER_NAMES", "Helpers", "attach", "embed"]
+__all__ = ["HELPER_NAMES", "Helpers", "HttpOnlyControl", "attach", "attach_http", "embed"]
 
 HELPER_NAMES = (
     "status", "tree", "children", "models", "phase", "queue", "counters", "rows",
-    "last_hit", "kill", "watch", "restart", "complete",
+    "last_hit", "kill", "watch", "restart", "complete", "replicas",
 )  # fmt: skip
 WATCH_POLL_S = 0.1
+R = TypeVar("R", bound=Reply)
+
+
+class HttpOnlyControl:
+    """The channel of a REPL attached over HTTP only (``erllama-py repl --url``): no
+    control socket, so every control request fails with a message saying why."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url.rstrip("/")
+
+    def call(self, request: Request, expected: type[R]) -> R:
+        raise ControlError(
+            "NoControlSocket",
+            f"{type(request).__name__} needs a daemon's control socket; this REPL talks to "
+            f"{self.url} over HTTP only (replicas() and complete() work)",
+        )
+
+    def describe(self) -> str:
+        return f"the server at {self.url} (HTTP only, no control socket)"
 
 
 class Helpers:
@@ -74,8 +100,10 @@ class Helpers:
         runtime: Runtime | None = None,
         ask: Callable[[str], str] = input,
         api_key: str | None = None,
+        url: str | None = None,
     ) -> None:
         self._channel = channel
+        self._url = url
         self._console = console
         self._yes = yes
         self._runtime = runtime
@@ -223,9 +251,7 @@ class Helpers:
             text, cached = result.text, result.usage.cached_tokens
             prompt_tokens = result.usage.prompt_tokens
         else:
-            url = self._channel.call(StatusRequest(), StatusReply).url
-            if url is None:
-                raise ControlError("NotServing", "the daemon has no HTTP address yet")
+            url = self._http_url()
             body = {"model": m, "prompt": prompt, "max_tokens": max_tokens}
             reply = post_json(f"{url}/v1/completions", body, self._api_key)
             text = str(reply["choices"][0]["text"])
@@ -234,6 +260,26 @@ class Helpers:
             cached = int((usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0)
         self._console.print(f"[dim]{prompt_tokens} prompt tokens, {cached} from the cache[/dim]")
         return text
+
+    def replicas(self, url: str | None = None) -> list[ReplicaRow]:
+        """On Ray Serve: every replica's cache counters (hits by kind, misses, saves, rows
+        and bytes per tier) and queue, one row each (a table; returns the rows). `url`
+        defaults to the server this REPL talks to."""
+        try:
+            status = fetch_replicas(url or self._http_url(), self._api_key)
+        except NotOnRayError as exc:
+            self._console.print(str(exc), markup=False, highlight=False)
+            return []
+        self._console.print(replicas_table(status))
+        return list(status.replicas)
+
+    def _http_url(self) -> str:
+        if self._url is not None:
+            return self._url
+        url = self._channel.call(StatusRequest(), StatusReply).url
+        if url is None:
+            raise ControlError("NotServing", "the daemon has no HTTP address yet")
+        return url
 
     # ------------------------------------------------------------------ help
 
@@ -341,4 +387,21 @@ def attach(
             f"erllama-py REPL attached to pid {status.pid} ({status.url}); help() lists the helpers"
         )
         _interact(helpers, console, banner, history)
+    return 0
+
+
+def attach_http(
+    url: str,
+    *,
+    yes: bool = False,
+    history: Path | None = None,
+    api_key: str | None = None,
+) -> int:
+    """Open the REPL on the server at `url` over HTTP only (a Ray Serve deployment has no
+    control socket); the exit status."""
+    console = Console()
+    channel = HttpOnlyControl(url)
+    helpers = Helpers(channel, console, yes=yes, api_key=api_key, url=channel.url)
+    banner = f"erllama-py REPL on {channel.describe()}; help() lists the helpers"
+    _interact(helpers, console, banner, history)
     return 0

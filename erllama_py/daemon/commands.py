@@ -4,11 +4,12 @@
 
     erllama-py daemon start|stop|status|restart|logs [--config sys.yaml]
     erllama-py models [--url URL]                  the daemon's models (HTTP)
+    erllama-py status [--url URL] [--json]         a Ray Serve deployment's replicas (HTTP)
     erllama-py complete MODEL PROMPT [--url URL]   stream a completion to the terminal (HTTP)
     erllama-py chat MODEL [--url URL]              an interactive chat, cached tokens per turn
     erllama-py cache stats|ls|check|gc             the daemon's cache (control socket)
     erllama-py tree                                the daemon's live supervision tree
-    erllama-py repl [--yes]                        a Python prompt attached to the daemon
+    erllama-py repl [--yes] [--url URL]            a Python prompt attached to the daemon
 
 Errors are one line on stderr and a non-zero exit status.
 """
@@ -42,6 +43,7 @@ from erllama_py.daemon.messages import (
     TreeReply,
     TreeRequest,
 )
+from erllama_py.daemon.replicas import NotOnRayError, fetch_replicas, replicas_table
 from erllama_py.errors import ErllamaError
 from erllama_py.treeview import render_tree
 
@@ -143,6 +145,20 @@ def cmd_models(args: argparse.Namespace) -> int:
     for model in listing.get("data", []):
         print(model["id"])
     return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    url = _url(args)
+    try:
+        status = fetch_replicas(url, _api_key(args))
+    except NotOnRayError as exc:
+        print(json.dumps({"url": url, "ray": False}) if args.json else str(exc))
+        return 0
+    if args.json:
+        print(json.dumps({**status.to_dict(), "ray": True}, indent=2))
+    else:
+        Console().print(replicas_table(status))
+    return 0 if status.replicas else 1
 
 
 def cmd_complete(args: argparse.Namespace) -> int:
@@ -256,11 +272,13 @@ def cmd_tree(args: argparse.Namespace) -> int:
 
 
 def cmd_repl(args: argparse.Namespace) -> int:
-    from erllama_py.repl import attach  # noqa: PLC0415 - only the REPL needs it
+    from erllama_py.repl import attach, attach_http  # noqa: PLC0415 - only the REPL needs it
 
     config = _config(args)
     history = config.daemon.log_file.parent / "repl_history"
     key = config.server.api_keys[0] if config.server.api_keys else None
+    if args.url:
+        return attach_http(args.url, yes=args.yes, history=history, api_key=key)
     return attach(_socket(args), yes=args.yes, history=history, api_key=key)
 
 
@@ -312,6 +330,12 @@ def add_commands(sub: Any) -> None:
     models = sub.add_parser("models", help="list the daemon's models")
     _http_args(models)
     models.set_defaults(func=_one_line(cmd_models))
+    status_cmd = sub.add_parser(
+        "status", help="the replicas of a Ray Serve deployment: cache counters and queues"
+    )
+    status_cmd.add_argument("--json", action="store_true", help="print JSON")
+    _http_args(status_cmd)
+    status_cmd.set_defaults(func=_one_line(cmd_status))
     complete = sub.add_parser("complete", help="stream a completion from the daemon")
     complete.add_argument("model")
     complete.add_argument("prompt")
@@ -337,5 +361,7 @@ def add_commands(sub: Any) -> None:
     tree.set_defaults(func=_one_line(cmd_tree))
     repl = sub.add_parser("repl", help="a Python prompt attached to the daemon")
     repl.add_argument("--yes", action="store_true", help="kill and restart without asking")
+    repl.add_argument("--url", help="attach over HTTP only to this server (a Ray Serve "
+                      "deployment: replicas(), complete())")  # fmt: skip
     _socket_args(repl)
     repl.set_defaults(func=_one_line(cmd_repl))

@@ -15,7 +15,12 @@ TIMEOUT_S = 600.0
 
 
 class HttpClientError(Exception):
-    """The daemon is unreachable or answered with an error (the message is one line)."""
+    """The daemon is unreachable or answered with an error (the message is one line);
+    `status` is the HTTP status of an error answer, None when there was none."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 def _request(url: str, body: object | None, api_key: str | None) -> urllib.request.Request:
@@ -35,7 +40,7 @@ def _open(request: urllib.request.Request, timeout: float) -> Any:
             message = json.loads(detail)["error"]["message"]
         except (ValueError, KeyError, TypeError):
             message = detail.strip()[:300] or exc.reason
-        raise HttpClientError(f"HTTP {exc.code}: {message}") from None
+        raise HttpClientError(f"HTTP {exc.code}: {message}", exc.code) from None
     except (urllib.error.URLError, OSError) as exc:
         reason = getattr(exc, "reason", exc)
         raise HttpClientError(f"cannot reach {request.full_url}: {reason}") from None

@@ -1,7 +1,9 @@
 """The REPL attached to a daemon, and ``erllama-py chat``, driven through a pseudo-terminal
 as a person would: help() lists the helpers, tree() shows the worker's pid, killing the
 worker (after confirming) brings a new pid and one more restart, a completion succeeds
-after it; a chat's second turn is served partly from the cache. One daemon for the module."""
+after it; a chat's second turn is served partly from the cache; ``status`` and a REPL
+attached over HTTP only (``repl --url``) say a single runtime is not on Ray. One daemon for
+the module."""
 
 from __future__ import annotations
 
@@ -192,3 +194,28 @@ def test_the_client_commands_and_their_one_line_errors(config: Path) -> None:
     assert len(nobody_home.stderr.strip().splitlines()) == 1
     assert "no daemon listens on" in nobody_home.stderr
     assert "--url" in cli("chat", "--help").stdout
+
+
+def test_a_single_runtime_is_named_as_not_on_ray_by_status_and_an_http_only_repl(
+    config: Path,
+) -> None:
+    shown = cli("status", "--config", config)  # the URL comes from the daemon's status
+    assert shown.returncode == 0, shown.stderr
+    assert "is not a Ray Serve deployment (no /ray/status)" in shown.stdout
+    url = json.loads(cli("daemon", "status", "--json", "--config", config).stdout)["url"]
+    assert json.loads(cli("status", "--url", url, "--json").stdout) == {"url": url, "ray": False}
+
+    repl = spawn("repl", "--url", url, "--config", config)
+    try:
+        repl.expect_exact(f"erllama-py REPL on the server at {url} (HTTP only, no control socket)")
+        repl.expect_exact(PROMPT)
+        assert "is not a Ray Serve deployment" in _run(repl, "replicas()")
+        assert "error: NoControlSocket: ModelsRequest needs a daemon's control socket" in _run(
+            repl, "models()"
+        )
+        assert "prompt tokens" in _run(repl, 'complete("tiny", "the cat sat", 2)')
+        repl.sendeof()
+        repl.expect(pexpect.EOF)
+    finally:
+        repl.close(force=True)
+    assert repl.exitstatus == 0

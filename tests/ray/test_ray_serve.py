@@ -1,16 +1,22 @@
 """erllama-py on Ray Serve, on a local cluster of three nodes (Ray's own
 `ray.cluster_utils.Cluster`), one replica per node, each replica a whole runtime with
 its node's own disk tier, the tiny test model. One cluster for the module; the tests
-run in file order: the API, affinity, a replica killed mid-replay, then the same
-replay shape under Ray's default router (redeployed) for comparison.
+run in file order: the API, affinity (and every replica's counters, as ``erllama-py
+status`` and the REPL's ``replicas()`` show them), a replica killed mid-replay with a
+streaming and a non-streaming request in flight, then the same replay shape under Ray's
+default router (redeployed) for comparison.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
+import json
 import os
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -21,10 +27,14 @@ import ray
 from ray import serve
 from ray.cluster_utils import Cluster
 from ray_helpers import Replay, free_port, opening, ray_config, replay, start_cluster
+from rich.console import Console
 
+from erllama_py.cli import main
 from erllama_py.config import load_config
+from erllama_py.daemon.replicas import ReplicaRow
 from erllama_py.model.testmodel import write_test_model
 from erllama_py.ray import RayServing, serve_on_ray
+from erllama_py.repl import Helpers, HttpOnlyControl
 
 REPLICAS = 3
 RESTART_WAIT_S = (
@@ -79,6 +89,23 @@ def disk_rows(replica: dict[str, Any]) -> int:
     return sum(t["rows"] for t in replica["counters"]["tiers"] if t["kind"] == "disk")
 
 
+def arrivals(url: str, replica: str) -> int:
+    """Requests that reached `replica`'s models: done, running or queued."""
+    now = {r["replica"]: r for r in status(url)}[replica]
+    return sum(m["requests_done"] + m["active"] + m["pending_len"] for m in now["models"])
+
+
+def wait_for(predicate: Callable[[], bool], what: str, timeout: float = RESTART_WAIT_S) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting until {what}"
+        time.sleep(0.2)
+
+
+def lookups(row: ReplicaRow) -> int:
+    return row.total_hits + row.misses
+
+
 def test_the_openai_api_answers_through_the_serve_ingress(
     serving: RayServing, client: openai.OpenAI
 ) -> None:
@@ -108,13 +135,35 @@ def test_the_openai_api_answers_through_the_serve_ingress(
 
 
 def test_later_turns_land_on_one_replica_and_hit_the_cache(
-    client: openai.OpenAI, state: dict[str, Any]
+    serving: RayServing,
+    client: openai.OpenAI,
+    state: dict[str, Any],
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
+    console = Console(file=io.StringIO(), width=240, record=True)
+    repl = Helpers(HttpOnlyControl(serving.url), console, url=serving.url)  # repl --url
+    before = {r.replica: r for r in repl.replicas()}
     result = replay(client, conversations=4, turns=4, salt="affinity")
     for c in range(4):
         assert len(result.replicas_of(c)) == 1, result.turns
     assert all(t.cached_tokens > 0 for t in result.later()), result.turns
     state["affinity"] = result
+
+    after = {r.replica: r for r in repl.replicas()}
+    assert len(after) == REPLICAS and set(after) == set(before)
+    for rid in {t.replica for t in result.turns}:  # every replica that served a turn
+        assert lookups(after[rid]) > lookups(before[rid])
+    hits = sum(r.total_hits for r in after.values()) - sum(r.total_hits for r in before.values())
+    assert hits >= len(result.later())
+    assert sum(r.total_saves for r in after.values()) > sum(r.total_saves for r in before.values())
+    table = console.export_text()
+    assert all(rid in table for rid in after), table
+    assert main(["status", "--url", serving.url, "--json"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["ray"] is True and shown["errors"] == []
+    assert {r["replica"]: r["misses"] + sum(r["hits"].values()) for r in shown["replicas"]} == {
+        rid: lookups(r) for rid, r in after.items()
+    }
 
 
 def test_a_crashed_context_worker_is_restarted_inside_its_replica(
@@ -180,6 +229,44 @@ def test_a_replica_killed_mid_replay_fails_its_request_and_comes_back_with_its_r
     assert disk_rows(back) >= disk_rows(victim)  # the startup scan found its rows again
     later = replay(client, conversations=2, turns=2, salt="after-restart")
     assert all(t.cached_tokens > 0 for t in later.later())
+
+
+def test_a_non_streaming_request_on_a_killed_replica_gets_a_503_and_later_ones_succeed(
+    serving: RayServing, client: openai.OpenAI
+) -> None:
+    probe = replay(client, conversations=1, turns=1, salt="plain")
+    before = {r["replica"]: r for r in status(serving.url)}
+    victim = before[probe.turns[0].replica]
+    # A non-streaming answer leaves the replica only once complete, and the tiny model
+    # completes in milliseconds: freeze the victim's idle context worker (as a wedged
+    # llama.cpp call looks; its hang deadline is minutes away) so that the request,
+    # routed to the victim by its prefix, is in flight there when the replica is killed.
+    worker_pid = victim["models"][0]["worker"]["pid"]
+    os.kill(worker_pid, signal.SIGSTOP)
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            seen = arrivals(serving.url, victim["replica"])
+            plain = pool.submit(client.chat.completions.create, model="tiny",
+                                messages=opening(0, "plain"), max_tokens=8)  # fmt: skip
+            wait_for(lambda: arrivals(serving.url, victim["replica"]) > seen, "it is queued")
+            assert not plain.done()
+            os.kill(victim["pid"], signal.SIGKILL)
+            with pytest.raises(openai.APIStatusError) as failed:
+                plain.result()
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(worker_pid, signal.SIGKILL)  # orphaned by its replica, and stopped
+    assert failed.value.status_code == 503
+    assert "replica serving this request failed" in failed.value.message
+    envelope = failed.value.response.json()  # OpenAI's error envelope
+    assert envelope["error"]["type"] == "server_error"
+    assert envelope["error"]["code"] == "replica_failed"
+    assert failed.value.response.headers["retry-after"] == "1"
+    wait_for(lambda: len(now := status(serving.url)) == REPLICAS
+             and victim["replica"] not in {r["replica"] for r in now},
+             "Serve restarted the replica")  # fmt: skip
+    later = replay(client, conversations=3, turns=2, salt="after-plain")
+    assert len(later.turns) == 6  # every later request answered (a failure raises)
 
 
 def test_the_default_router_hits_less_on_the_same_replay(

@@ -1,18 +1,24 @@
 """The Ray extra's parts that need no cluster: the core never imports Ray, the affinity
-key and policy, the ``ray:`` config section, node-local slots, merged metrics."""
+key and policy, the ``ray:`` config section, node-local slots, merged metrics, and the
+``/ray/status`` page as ``erllama-py status`` reads it."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from erllama_py.cache.counters import CounterSnapshot, TierStats
 from erllama_py.config import load_config
+from erllama_py.daemon.replicas import parse_ray_status
 from erllama_py.errors import ConfigError
+from erllama_py.kinds import TierKind
 from erllama_py.ray.affinity import AffinityMap, affinity_key, choose_target, prompt_bytes
 from erllama_py.ray.merged_metrics import merge_metrics
+from erllama_py.ray.messages import ReplicaStatus
 from erllama_py.ray.slots import claim_slot, node_local_config
 
 
@@ -123,3 +129,18 @@ def test_metrics_of_every_replica_merge_into_one_exposition() -> None:
     assert 'x_total{model="m",replica="r1"} 2.0' in merged
     assert 'x_total{model="m",replica="r2"} 2.0' in merged
     assert merged.count("# TYPE x_total counter") == 1
+
+
+def test_what_a_replica_sends_for_ray_status_parses_into_its_row() -> None:
+    tier = TierStats("disk", TierKind.DISK, quota_bytes=1 << 20, bytes=2048, rows=3,
+                     reserved_bytes=0, hits=2, evictions=0, promotions=0, demotions=0)  # fmt: skip
+    counters = CounterSnapshot(hits_exact=2, hits_prefix=1, misses=4, saves_cold=3, tiers=(tier,))
+    sent = ReplicaStatus(replica="r1", node_id="n1", slot=0, pid=7, tier_roots=("/kvc/n1",),
+                         counters=counters.to_dict())  # fmt: skip
+    page = json.loads(json.dumps({"replicas": [sent.to_dict()], "errors": []}))
+    (row,) = parse_ray_status(page, "http://ray").replicas
+    assert (row.replica, row.node_id, row.slot, row.pid) == ("r1", "n1", 0, 7)
+    assert (row.hits["exact"], row.hits["prefix"], row.misses) == (2, 1, 4)
+    assert (row.saves["cold"], row.total_saves) == (3, 3)
+    assert [(t.name, t.kind, t.rows, t.bytes) for t in row.tiers] == [("disk", "disk", 3, 2048)]
+    assert (row.running, row.queued, row.models) == (0, 0, ())
