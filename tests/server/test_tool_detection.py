@@ -12,6 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from erllama_py.model.testmodel import CHATML_TEMPLATE
+from erllama_py.model.textstream import TextStream
 from erllama_py.server.tool_stream import CallArgs, CallEnd, CallHead, CallScanner
 from erllama_py.server.tool_syntax import (
     GENERIC,
@@ -94,6 +95,26 @@ def test_a_reply_that_stays_blank_or_a_prefix_is_undecided():
     assert watch.feed("m") == "undecided"
     assert watch.feed('e"') == "call"
     assert StartWatch(START).feed('{"nope"') == "text"
+
+
+@given(
+    syntax=st.sampled_from([GENERIC, HERMES, LLAMA3, MISTRAL]),
+    before=st.text(alphabet="abc {}<>[]|_\n", max_size=12),
+    cuts=st.lists(st.integers(0, 60), max_size=20),
+)
+def test_a_text_marker_split_across_tokens_stops_the_free_run_right_before_it(syntax, before, cuts):
+    """What ``auto`` gives the engine as stop sequences: each family's marker, found
+    whatever the token boundaries, the text shown being exactly what came before it."""
+    [marker] = syntax.anywhere
+    stream = TextStream([*syntax.anywhere, "STOP"])
+    shown = ""
+    for piece in _split(before + marker + '{"name": "f"}', cuts):
+        shown += stream.feed(piece.encode())
+    shown += stream.flush()
+    assert stream.match is not None
+    cut = (before + marker).find(marker)
+    assert stream.match.stop == marker and stream.match.position == cut
+    assert shown == before[:cut]
 
 
 def _calls_text(family: str, calls: list[tuple[str, dict[str, object]]]) -> str:
