@@ -21,6 +21,7 @@ import pytest
 from server_helpers import server_config
 
 from erllama_py.config import load_config
+from erllama_py.errors import InvalidRequestError
 from erllama_py.model.testmodel import write_test_model
 from erllama_py.server.chat_run import (
     ArgsOut,
@@ -135,6 +136,8 @@ def test_a_stop_token_ends_generation_on_the_token_and_keeps_it(serving):
     cut = free.tokens.index(token) + 1
     assert stopped.tokens == free.tokens[:cut]
     assert stopped.finish_reason == "stop" and stopped.stop_sequence is None
+    with pytest.raises(InvalidRequestError, match="stop_tokens"):
+        m.complete("the cat", max_tokens=2, stop_tokens=["x"])
 
 
 @pytest.mark.parametrize(("model", "marker"), [("llama3", "<|python_tag|>"),
