@@ -3,7 +3,8 @@
 
 Run from the repository root::
 
-    .venv/bin/python -m bench.agent_replay [--turns 8] [--preamble 8000] [--max-tokens 16]
+    .venv/bin/python -m bench.agent_replay [--turns 8] [--agents 1] [--max-tokens 16]
+        [--tool-words 260] [--system-words 1900] [--tools text|auto]
 
 A coding agent's traffic: a system prompt plus tool definitions of about
 ``--preamble`` tokens (gemma-3-270m's tokenizer), a task, then per turn the
@@ -28,7 +29,14 @@ turn, as llama.cpp's gemma template does for ours), and both generate text.
 ``--tools auto`` instead sends ours the OpenAI ``tools`` (``tool_choice:
 "auto"``), earlier calls as ``tool_calls`` and results as ``role: "tool"``
 messages; the model may then start a call, which is generated under the
-tools' grammar and streamed when complete, so its first chunk comes later.
+tools' grammar and streamed as its arguments are generated.
+
+``--agents N`` replays N agents at once, interleaved turn by turn (agent 1's
+turn 1, agent 2's turn 1, ..., then every agent's turn 2...): each has its own
+task and history of calls and results, and all share the same system prompt
+and tool definitions, as several sessions of one coding agent do. The per-turn
+figures are then medians over the agents (the cached share: of all their
+prompt tokens). The default, one agent, is the replay above.
 
 The two are called alternately, turn by turn, so that other load on the
 machine hits both alike. Reported per turn: time to first streamed chunk
@@ -271,40 +279,87 @@ Row = tuple[int, int, int, dict[str, Any], dict[str, Any]]
 
 
 def replay(
-    args: argparse.Namespace, tools: list[dict[str, Any]], turns: list[list[dict[str, Any]]],
-    work: Path,
-) -> list[Row]:  # fmt: skip
-    """Every turn on both servers, alternately: (turn, prompt, cached, ours, peer)."""
-    rows: list[Row] = []
+    args: argparse.Namespace, tools: list[dict[str, Any]],
+    agents: list[list[list[dict[str, Any]]]], work: Path,
+) -> list[list[Row]]:  # fmt: skip
+    """Every turn of every agent on both servers, alternately, the agents interleaved:
+    per turn, one (turn, prompt, cached, ours, peer) row per agent."""
+    rows: list[list[Row]] = []
     with (
         ours(args.n_ctx, work) as our_url,
         peer(args.n_ctx, work) as peer_url,
         httpx.Client(timeout=900.0) as client,
     ):
-        for turn, messages in enumerate(turns, start=1):
-            base = {"model": "gemma", "max_tokens": args.max_tokens, "temperature": 0,
-                    "stream": True}  # fmt: skip
-            plain = generic_tool_messages(messages, tools)
-            our_body: dict[str, Any] = {
-                **base, "messages": plain, "stream_options": {"include_usage": True},
-            }  # fmt: skip
-            if args.tools == "auto":
-                our_body.update(messages=messages, tools=tools, tool_choice="auto")
-            mine = streamed_turn(client, our_url, our_body)
-            usage = mine["usage"] or {}
-            prompt = int(usage.get("prompt_tokens", 0))
-            cached = int((usage.get("prompt_tokens_details") or {}).get("cached_tokens", 0))
-            try:
-                theirs = streamed_turn(client, peer_url, {**base, "messages": for_peer(plain)})
-            except httpx.HTTPError as exc:  # the peer died: say so, keep our figures
-                log = (work / "peer.log").read_text(errors="replace")[-2000:]
-                print(f"turn {turn}: the peer failed ({exc}); its log ends:\n{log}", flush=True)
-                rows.append((turn, prompt, cached, mine, {"ttft": NAN, "wall": NAN}))
-                break
-            rows.append((turn, prompt, cached, mine, theirs))
-            ttfts = f"ours {mine['ttft']:.0f} ms, peer {theirs['ttft']:.0f} ms"
-            print(f"turn {turn}: {prompt} prompt tokens, {cached} cached; {ttfts}", flush=True)
+        for turn in range(1, args.turns + 1):
+            rows.append([])
+            for agent, turns in enumerate(agents, start=1):
+                row = _one_turn(
+                    args,
+                    client,
+                    (our_url, peer_url),
+                    tools=tools,
+                    turn=turn,
+                    turns=turns,
+                    work=work,
+                )
+                rows[-1].append(row)
+                prompt, cached, mine, theirs = row[1:]
+                who = f"agent {agent} " if len(agents) > 1 else ""
+                ttfts = f"ours {mine['ttft']:.0f} ms, peer {theirs['ttft']:.0f} ms"
+                print(f"{who}turn {turn}: {prompt} prompt tokens, {cached} cached; {ttfts}",
+                      flush=True)  # fmt: skip
+                if theirs["ttft"] != theirs["ttft"]:  # the peer died
+                    return rows
     return rows
+
+
+def _one_turn(
+    args: argparse.Namespace, client: httpx.Client, urls: tuple[str, str], *,
+    tools: list[dict[str, Any]], turn: int, turns: list[list[dict[str, Any]]], work: Path,
+) -> Row:  # fmt: skip
+    our_url, peer_url = urls
+    messages = turns[turn - 1]
+    base = {"model": "gemma", "max_tokens": args.max_tokens, "temperature": 0, "stream": True}
+    plain = generic_tool_messages(messages, tools)
+    our_body: dict[str, Any] = {
+        **base, "messages": plain, "stream_options": {"include_usage": True},
+    }  # fmt: skip
+    if args.tools == "auto":
+        our_body.update(messages=messages, tools=tools, tool_choice="auto")
+    mine = streamed_turn(client, our_url, our_body)
+    usage = mine["usage"] or {}
+    prompt = int(usage.get("prompt_tokens", 0))
+    cached = int((usage.get("prompt_tokens_details") or {}).get("cached_tokens", 0))
+    try:
+        theirs = streamed_turn(client, peer_url, {**base, "messages": for_peer(plain)})
+    except httpx.HTTPError as exc:  # the peer died: say so, keep our figures
+        log = (work / "peer.log").read_text(errors="replace")[-2000:]
+        print(f"turn {turn}: the peer failed ({exc}); its log ends:\n{log}", flush=True)
+        theirs = {"ttft": NAN, "wall": NAN}
+    return (turn, prompt, cached, mine, theirs)
+
+
+def per_turn(rows: list[list[Row]]) -> list[Row]:
+    """One row per turn: medians over the agents (prompt and cached tokens: sums, so
+    that the cached share is of all their prompt tokens)."""
+    out: list[Row] = []
+    for agents in rows:
+
+        def med(side: int, key: str, agents: list[Row] = agents) -> float:
+            return median([r[side][key] for r in agents])
+
+        out.append((
+            agents[0][0], sum(r[1] for r in agents), sum(r[2] for r in agents),
+            {"ttft": med(3, "ttft"), "wall": med(3, "wall")},
+            {"ttft": med(4, "ttft"), "wall": med(4, "wall")},
+        ))  # fmt: skip
+    return out
+
+
+def _task(agent: int) -> str:
+    if agent == 0:
+        return "Fix the failing test in src/module_0.py and explain the change."
+    return f"Agent {agent}: fix the failing test in src/module_{agent}.py, then report."
 
 
 def main() -> None:
@@ -315,6 +370,8 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=16)
     parser.add_argument("--n-ctx", type=int, default=12288)
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--agents", type=int, default=1,
+                        help="agent conversations replayed at once, interleaved")  # fmt: skip
     parser.add_argument("--tools", choices=["text", "auto"], default="text",
                         help="how ours gets the tools (see the module docstring)")  # fmt: skip
     result_options(parser)
@@ -322,18 +379,27 @@ def main() -> None:
     head = header("Agent replay over HTTP: erllama-py vs llama_cpp.server --cache",
                   command_line(NAME), dirty_ok=args.dirty)  # fmt: skip
     system, tools = preamble(args.seed, args.tool_words, args.system_words)
-    task = "Fix the failing test in src/module_0.py and explain the change."
-    turns = conversation(system, task, args.seed, args.turns)
+    if args.agents < 1:
+        parser.error("--agents must be at least 1")
+    agents = [
+        conversation(system, _task(a), args.seed if a == 0 else args.seed + 1000 * a, args.turns)
+        for a in range(args.agents)
+    ]
     with tempfile.TemporaryDirectory(prefix="erllama-bench-agent-") as tmp:
-        rows = replay(args, tools, turns, Path(tmp))
+        rows = per_turn(replay(args, tools, agents, Path(tmp)))
     later = [r for r in rows if r[0] >= 2]
     both = [r for r in later if r[4]["ttft"] == r[4]["ttft"]]  # the peer answered (not NaN)
     ratios = [r[3]["ttft"] / r[4]["ttft"] for r in both] or [NAN]
     share = sum(r[2] for r in later) / max(1, sum(r[1] for r in later))
+    over = (
+        f" Medians over {args.agents} interleaved agents (prompt and cached tokens: totals)."
+        if args.agents > 1
+        else ""
+    )
     body = [
         head,
         "Time to first streamed chunk per turn (client side), ours with our prompt tokens "
-        "and how many came from the cache.",
+        "and how many came from the cache." + over,
         "",
         table(
             [
@@ -367,7 +433,7 @@ def main() -> None:
         f"**{median(ratios):.3f}** (goal <= 0.1; min {min(ratios):.3f}, max {max(ratios):.3f})",
         f"- turns 2-{args.turns}: prompt tokens from our cache: **{share:.1%}** (goal >= 95%)",
         f"- preamble (system prompt + {len(tools)} tool definitions) and task: "
-        f"{rows[0][1]} tokens; tools sent to ours as: {args.tools}; "
+        f"{rows[0][1] // args.agents} tokens; tools sent to ours as: {args.tools}; "
         f"{os.cpu_count()} CPUs shared with other jobs",
     ]
     write_result(NAME, "\n".join(body), args.output, dirty_ok=args.dirty)

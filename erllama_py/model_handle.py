@@ -183,11 +183,14 @@ class ModelHandle:
 
     # ------------------------------------------------------------------ tokens
 
-    def tokenize(self, text: str, add_special: bool = True) -> list[int]:
-        """Token ids of `text` (with BOS when the model wants one and `add_special`)."""
+    def tokenize(
+        self, text: str, add_special: bool = True, parse_special: bool = False
+    ) -> list[int]:
+        """Token ids of `text` (with BOS when the model wants one and `add_special`; the
+        text of control tokens read as those tokens with `parse_special`)."""
         if not isinstance(text, str):
             raise InvalidRequestError("text must be a string", self._name, param="text")
-        return self._ask(lambda actor: actor.tokenize(text, add_special))
+        return self._ask(lambda actor: actor.tokenize(text, add_special, parse_special))
 
     def chat_tokens(
         self,
@@ -243,9 +246,11 @@ class ModelHandle:
         """Save the state of every request in flight (reason ``evict``); returns how many."""
         return self._ask(lambda actor: actor.evict(SaveReason.EVICT))
 
-    async def atokenize(self, text: str, add_special: bool = True) -> list[int]:
+    async def atokenize(
+        self, text: str, add_special: bool = True, parse_special: bool = False
+    ) -> list[int]:
         """`tokenize` for asyncio."""
-        return await asyncio.to_thread(self.tokenize, text, add_special)
+        return await asyncio.to_thread(self.tokenize, text, add_special, parse_special)
 
     async def achat_tokens(
         self,
@@ -325,6 +330,12 @@ class ModelHandle:
             loaded_at=shared.loaded_at,
             worker_hangs=obs.worker_hangs,
         )
+
+    def chat_template_text(self) -> str | None:
+        """The chat template chats use by default: the GGUF's Jinja text, else the name of
+        the llama.cpp built-in family it falls back to (None: neither)."""
+        info = self._core.tree.models.get(self._name).shared.info
+        return info.chat_template or info.chat_template_fallback
 
     async def ainfo(self) -> ModelInfo:
         """`info` for asyncio."""

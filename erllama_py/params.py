@@ -222,7 +222,10 @@ class CompletionOptions(TypedDict, total=False):
     """The keyword options of every completion call (``complete``, ``chat``, ``stream``...).
 
     ``max_tokens`` (default 128; None = up to the context), ``stop`` (at most
-    16 sequences; the text stops before them), the sampling fields of
+    16 sequences; the text stops before them), ``stop_tokens`` (token ids that
+    end generation once sampled; unlike a stop sequence the token is kept in
+    ``tokens``, which is how a control token that renders as no text, such as a
+    tool-call marker, is watched for), the sampling fields of
     `SamplingParams` (or a whole ``sampling`` object, which the individual
     fields then override), ``parent_key`` (the ``finish_key`` of the turn this
     prompt continues; a key of another model or context shape, or one that is
@@ -238,6 +241,7 @@ class CompletionOptions(TypedDict, total=False):
 
     max_tokens: int | None
     stop: str | Sequence[str] | None
+    stop_tokens: Sequence[int] | None
     temperature: float
     top_k: int
     top_p: float
@@ -289,6 +293,7 @@ class RequestOptions:
 
     max_tokens: int | None = DEFAULT_MAX_TOKENS
     stop: tuple[str, ...] = ()
+    stop_tokens: frozenset[int] = frozenset()
     parent_key: bytes | None = None
     sampling: SamplingParams = field(default_factory=SamplingParams)
     timeout_s: float | None = None
@@ -320,7 +325,16 @@ def parse_key(value: object, param: str = "parent_key", model: str | None = None
 
 _SAMPLING_KEYS = frozenset(f.name for f in fields(SamplingParams))
 _REQUEST_KEYS = frozenset(
-    {"max_tokens", "stop", "parent_key", "sampling", "timeout", "logprobs", "require_room"}
+    {
+        "max_tokens",
+        "stop",
+        "stop_tokens",
+        "parent_key",
+        "sampling",
+        "timeout",
+        "logprobs",
+        "require_room",
+    }
 )
 MAX_LOGPROBS = 20
 KNOWN_OPTIONS = _SAMPLING_KEYS | _REQUEST_KEYS
@@ -352,6 +366,13 @@ def parse_options(options: Mapping[str, object], model: str | None = None) -> Re
         )
     if len(stop_value) > MAX_STOPS:
         raise _fail(f"at most {MAX_STOPS} stop sequences", "stop", model)
+    stop_tokens = get("stop_tokens") or ()
+    if not isinstance(stop_tokens, list | tuple | set | frozenset) or not all(
+        isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in stop_tokens
+    ):
+        raise _fail(
+            f"stop_tokens must be a list of token ids, got {stop_tokens!r}", "stop_tokens", model
+        )
     parent = get("parent_key")
     timeout = _as_number(get("timeout"))
     if timeout is not None and (
@@ -393,6 +414,7 @@ def parse_options(options: Mapping[str, object], model: str | None = None) -> Re
     return RequestOptions(
         max_tokens=max_tokens,
         stop=tuple(s for s in stop_value if s),
+        stop_tokens=frozenset(stop_tokens),
         parent_key=None if parent is None else parse_key(parent, "parent_key", model),
         sampling=sampling,
         timeout_s=None if timeout is None else float(timeout),

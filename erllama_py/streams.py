@@ -121,6 +121,12 @@ class AsyncEventStream(_Stream, AsyncIterator[StreamEvent]):
         """Cancel the request if it is still running (idempotent)."""
         self._close()
 
+    def cancel(self) -> None:
+        """Ask the request to end now but keep the stream readable: its `Done` follows
+        (finish reason ``cancelled``; the state is saved as at any finish)."""
+        if not self._finished:
+            self._cancel(self._request)
+
     async def __aenter__(self) -> AsyncEventStream:
         return self
 

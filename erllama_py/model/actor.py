@@ -468,7 +468,7 @@ class ModelActor(SupervisedActor):
                 r.logprobs.append(entry)
                 r.sink.delta(delta, [token], [entry])
             self._run_deferred_save(r)
-            if r.text.match is not None:
+            if r.text.match is not None or token in r.request.options.stop_tokens:
                 r.finish_as(FinishReason.STOP)
             elif (r.max_tokens is not None and len(r.generated) >= r.max_tokens) or len(
                 r.context

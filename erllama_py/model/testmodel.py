@@ -13,6 +13,8 @@ ids      pieces                                      token type
 5..260   the byte tokens ``<0x00>``..``<0xFF>``      6 (byte)
 261..    ``▁``, ``a``..``z`` and every prefix of
          each ``▁word`` of ``vocab_words``           1 (normal)
+last     each of ``control_tokens`` (none by          3 (control)
+         default), e.g. ``<|python_tag|>``
 =======  ==========================================  ==========
 
 The model's ``tokenizer.chat_template`` is a chatml Jinja template (or any
@@ -112,6 +114,7 @@ def write_test_model(
     n_ctx_train: int = 4096,
     vocab_words: Sequence[str] = DEFAULT_WORDS,
     chat_template: str | None = CHATML_TEMPLATE,
+    control_tokens: Sequence[str] = (),
     weight_scale: float = 0.25,
     _duplicate_token: bool = False,
 ) -> Path:
@@ -125,6 +128,12 @@ def write_test_model(
     path = Path(path)
     head_dim = n_embd // n_head
     pieces, scores, types = tiny_vocab(vocab_words)
+    for extra in control_tokens:
+        if extra in pieces:
+            raise ValueError(f"control token {extra!r} is already in the vocabulary")
+        pieces.append(extra)
+        scores.append(0.0)
+        types.append(_TYPE_CONTROL)
     if _duplicate_token:
         pieces[-1] = pieces[-2]
     n_vocab = len(pieces)

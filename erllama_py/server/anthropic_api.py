@@ -17,8 +17,8 @@ cache; the rest of the prompt was prefilled, and it counts as
 cache_read_input_tokens`` is the prompt's length, as Anthropic counts.
 
 Streams are named events: ``message_start``, per block ``content_block_start``
-/ ``content_block_delta`` (``text_delta``, or one ``input_json_delta`` carrying
-a call's whole input) / ``content_block_stop``, ``ping``, ``message_delta``
+/ ``content_block_delta`` (``text_delta``, or a call's input in ``input_json_delta``
+fragments as they are generated) / ``content_block_stop``, ``ping``, ``message_delta``
 (stop reason and usage) and ``message_stop``; a failure after the stream
 began is an ``error`` event. Errors before it are Anthropic's envelope, a full
 queue a 529 ``overloaded_error`` with ``retry-after``.
@@ -40,7 +40,9 @@ from erllama_py.errors import ErllamaError
 from erllama_py.params import ChatMessage, CompletionOptions, ToolCall
 from erllama_py.server import anthropic_schemas as wire
 from erllama_py.server.chat_run import (
-    CallsOut,
+    ArgsOut,
+    CallDone,
+    CallStart,
     ChatEvent,
     ChatJob,
     ChatOutcome,
@@ -297,21 +299,18 @@ async def _stream(
                         text_open = True
                     delta: dict[str, object] = {"type": "text_delta", "text": event.text}
                     yield _event("content_block_delta", {"index": index, "delta": delta})
-                elif isinstance(event, CallsOut):
-                    for call in event.calls:
-                        if text_open:
-                            yield _event("content_block_stop", {"index": index})
-                            index, text_open, blocks = index + 1, False, blocks + 1
-                        block = {
-                            "type": "tool_use", "id": call.id, "name": call.name, "input": {},
-                        }  # fmt: skip
-                        yield _event(
-                            "content_block_start", {"index": index, "content_block": block}
-                        )
-                        delta = {"type": "input_json_delta", "partial_json": call.arguments}
-                        yield _event("content_block_delta", {"index": index, "delta": delta})
+                elif isinstance(event, CallStart):
+                    if text_open:
                         yield _event("content_block_stop", {"index": index})
-                        index, blocks = index + 1, blocks + 1
+                        index, text_open, blocks = index + 1, False, blocks + 1
+                    block = {"type": "tool_use", "id": event.id, "name": event.name, "input": {}}
+                    yield _event("content_block_start", {"index": index, "content_block": block})
+                elif isinstance(event, ArgsOut):
+                    delta = {"type": "input_json_delta", "partial_json": event.text}
+                    yield _event("content_block_delta", {"index": index, "delta": delta})
+                elif isinstance(event, CallDone):
+                    yield _event("content_block_stop", {"index": index})
+                    index, blocks = index + 1, blocks + 1
                 elif isinstance(event, Finished):
                     outcome = event.outcome
                     for result in outcome.results:

@@ -2,8 +2,8 @@
 ``required``, a named function) and ``parallel_tool_calls``, answered with
 ``message.tool_calls`` (ids, names, JSON-string arguments) and ``finish_reason:
 "tool_calls"``, or in a stream as ``delta.tool_calls`` fragments with their ``index``:
-per call, one fragment with its id and name, then its arguments (sent when the
-call's JSON is complete: the grammar guarantees it parses).
+per call, one fragment with its id, type and name, then its arguments in fragments as
+the grammar-constrained tokens arrive (they concatenate to JSON that parses).
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ from erllama_py.params import ChatMessage, CompletionOptions
 from erllama_py.results import ModelInfo
 from erllama_py.server import openai_schemas as wire
 from erllama_py.server.chat_run import (
-    CallsOut,
+    ArgsOut,
+    CallStart,
     ChatEvent,
     ChatJob,
     ChatOutcome,
@@ -163,24 +164,22 @@ async def _stream(
             yield event
 
     async def frames() -> AsyncIterator[str]:
-        index = 0
         yield chunk(wire.ChunkDelta(role="assistant", content=""))
         try:
             async for event in all_events():
                 if isinstance(event, TextOut):
                     yield chunk(wire.ChunkDelta(content=event.text))
-                elif isinstance(event, CallsOut):
-                    for call in event.calls:
-                        head = wire.ToolCallDelta(
-                            index=index, id=call.id, type="function",
-                            function=wire.FunctionCallDelta(name=call.name, arguments=""),
-                        )  # fmt: skip
-                        yield chunk(wire.ChunkDelta(tool_calls=[head]))
-                        args = wire.ToolCallDelta(
-                            index=index, function=wire.FunctionCallDelta(arguments=call.arguments)
-                        )
-                        yield chunk(wire.ChunkDelta(tool_calls=[args]))
-                        index += 1
+                elif isinstance(event, CallStart):
+                    head = wire.ToolCallDelta(
+                        index=event.index, id=event.id, type="function",
+                        function=wire.FunctionCallDelta(name=event.name, arguments=""),
+                    )  # fmt: skip
+                    yield chunk(wire.ChunkDelta(tool_calls=[head]))
+                elif isinstance(event, ArgsOut):
+                    args = wire.ToolCallDelta(
+                        index=event.index, function=wire.FunctionCallDelta(arguments=event.text)
+                    )
+                    yield chunk(wire.ChunkDelta(tool_calls=[args]))
                 elif isinstance(event, Finished):
                     outcome = event.outcome
                     for result in outcome.results:

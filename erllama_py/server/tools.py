@@ -1,21 +1,25 @@
 """Tool calls, shared by both API families: the calls' grammar, their parsing, the choice.
 
-A tool call is written ``<tool_call>{"name": ..., "arguments": {...}}</tool_call>``
-(`TOOL_CALL_OPEN`, the marker): Qwen's and Hermes' format, and the one the
-generic tool prompt asks for (`erllama_py.model.jinja_chat`). The choice:
+A tool call is written in the syntax of the model's family
+(`erllama_py.server.tool_syntax`): by default
+``<tool_call>{"name": ..., "arguments": {...}}</tool_call>`` (`TOOL_CALL_OPEN`,
+the marker), Qwen's and Hermes' format and the one the generic tool prompt asks
+for (`erllama_py.model.jinja_chat`); Llama 3's bare ``{"name": ...,
+"parameters": ...}``; Mistral's ``[TOOL_CALLS][{...}, ...]``. The choice:
 
 - ``none``: no tools reach the model, no grammar;
 - ``required`` (Anthropic ``any``) and a named tool (``tool``): the whole
   output is constrained by `call_grammar`, built from the functions' JSON
   schemas (llama-cpp-python's ``json_schema_to_gbnf``), so the arguments
   always parse and validate against them;
-- ``auto``: the model writes freely, with the marker as a stop sequence; if
-  it stops on the marker, generation continues from exactly that state (the
-  cache restores it) under `continuation_grammar`, which is the call's
-  grammar after the marker.
+- ``auto``: the model writes freely while the server watches for the family's
+  markers (`erllama_py.server.chat_run`); once one is seen, generation
+  continues from exactly that state (the cache restores it) under
+  `continuation_grammar`, which is the call's grammar after the marker.
 
 ``parallel_tool_calls`` lets the grammar repeat the call block. The output is
-then parsed back by `parse_calls`; every id is minted here.
+then parsed back by `parse_calls` (whatever the family: it reads the call
+objects in the text); every id is minted here.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from llama_cpp.llama_grammar import json_schema_to_gbnf
 from erllama_py.errors import InvalidRequestError
 from erllama_py.model.jinja_chat import TOOL_CALL_CLOSE, TOOL_CALL_OPEN
 from erllama_py.params import Tool
+from erllama_py.server.tool_syntax import GENERIC, ToolSyntax
 
 __all__ = [
     "TOOL_CALL_CLOSE",
@@ -45,7 +50,6 @@ __all__ = [
 ]
 
 _ROOT = re.compile(r"^root ::=", re.MULTILINE)
-_CALL = re.compile(re.escape(TOOL_CALL_OPEN) + r"\s*(.*?)\s*" + re.escape(TOOL_CALL_CLOSE), re.S)
 
 
 @dataclass(frozen=True)
@@ -116,7 +120,7 @@ def _rewrite_refs(node: object, prefix: str) -> object:
     return node
 
 
-def _schema(tool: ToolDef, index: int, defs: dict[str, object]) -> dict[str, object]:
+def _schema(tool: ToolDef, index: int, defs: dict[str, object], args_key: str) -> dict[str, object]:
     """The call's schema; the parameters' own definitions move to the root (into ``defs``,
     renamed per tool) so that their ``$ref``s still resolve once the schema is nested."""
     parameters = dict(tool.parameters or {"type": "object"})
@@ -130,18 +134,18 @@ def _schema(tool: ToolDef, index: int, defs: dict[str, object]) -> dict[str, obj
         "type": "object",
         "properties": {
             "name": {"const": tool.name},
-            "arguments": _rewrite_refs(parameters, prefix),
+            args_key: _rewrite_refs(parameters, prefix),
         },
-        "required": ["name", "arguments"],
+        "required": ["name", args_key],
     }
 
 
-def _call_rules(tools: list[ToolDef]) -> str:
+def _call_rules(tools: list[ToolDef], args_key: str) -> str:
     """GBNF whose ``tool-call-json`` rule is one call of one of ``tools``."""
     if not tools:
         raise InvalidRequestError("tool_choice needs at least one tool", param="tools")
     defs: dict[str, object] = {}
-    schemas = [_schema(t, i, defs) for i, t in enumerate(tools)]
+    schemas = [_schema(t, i, defs, args_key) for i, t in enumerate(tools)]
     schema: dict[str, object] = schemas[0] if len(schemas) == 1 else {"oneOf": schemas}
     if defs:
         schema = {**schema, "$defs": defs}
@@ -156,43 +160,72 @@ def _call_rules(tools: list[ToolDef]) -> str:
     return _ROOT.sub("tool-call-json ::=", rules)
 
 
-def _blocks(choice: ToolChoice) -> str:
-    block = f'"{TOOL_CALL_OPEN}" "\\n"? tool-call-json "\\n"? "{TOOL_CALL_CLOSE}"'
+def _blocks(choice: ToolChoice, syntax: ToolSyntax) -> str:
+    """``tool-calls``: one call, or several when parallel, in ``syntax``."""
+    if syntax.wrapped:
+        block = f'"{syntax.open}" "\\n"? tool-call-json "\\n"? "{syntax.close}"'
+        more = ' ("\\n" tool-call-block)*' if choice.parallel else ""
+        return f"tool-call-block ::= {block}\ntool-calls ::= tool-call-block{more}\n"
+    if syntax.listed:
+        more = ' ("," " "? tool-call-json)*' if choice.parallel else ""
+        return f'tool-calls ::= "[" tool-call-json{more} "]"\n'
+    more = ' ("\\n" tool-call-json)*' if choice.parallel else ""
+    return f"tool-calls ::= tool-call-json{more}\n"
+
+
+def call_grammar(tools: list[ToolDef], choice: ToolChoice, syntax: ToolSyntax = GENERIC) -> str:
+    """The grammar of a whole output that is only tool calls (``required``, named): in
+    ``syntax``, but without a marker that is a control token (a grammar matches text)."""
+    rules = _call_rules(choice.offered(tools), syntax.args_key)
+    return f"root ::= tool-calls\n{_blocks(choice, syntax)}{rules}"
+
+
+def continuation_grammar(
+    tools: list[ToolDef], choice: ToolChoice, syntax: ToolSyntax = GENERIC
+) -> str:
+    """The grammar of what follows the marker the model wrote (``auto``): for a wrapped
+    syntax the rest of the block (its opening was the marker), else the calls."""
+    rules = _call_rules(choice.offered(tools), syntax.args_key)
+    if not syntax.wrapped:
+        return f"root ::= tool-calls\n{_blocks(choice, syntax)}{rules}"
     more = ' ("\\n" tool-call-block)*' if choice.parallel else ""
-    return f"tool-call-block ::= {block}\ntool-calls ::= tool-call-block{more}\n"
+    first = f'"\\n"? tool-call-json "\\n"? "{syntax.close}"'
+    return f"root ::= {first}{more}\n{_blocks(choice, syntax)}{rules}"
 
 
-def call_grammar(tools: list[ToolDef], choice: ToolChoice) -> str:
-    """The grammar of a whole output that is only tool calls (``required``, named)."""
-    rules = _call_rules(choice.offered(tools))
-    return f"root ::= tool-calls\n{_blocks(choice)}{rules}"
-
-
-def continuation_grammar(tools: list[ToolDef], choice: ToolChoice) -> str:
-    """The grammar of what follows the marker the model wrote (``auto``)."""
-    rules = _call_rules(choice.offered(tools))
-    more = ' ("\\n" tool-call-block)*' if choice.parallel else ""
-    first = f'"\\n"? tool-call-json "\\n"? "{TOOL_CALL_CLOSE}"'
-    return f"root ::= {first}{more}\n{_blocks(choice)}{rules}"
+def _values(text: str) -> list[object]:
+    """Every JSON object or list in ``text``, in order, none inside another."""
+    decoder = json.JSONDecoder()
+    out: list[object] = []
+    i = 0
+    while True:
+        starts = [j for j in (text.find("{", i), text.find("[", i)) if j >= 0]
+        if not starts:
+            return out
+        j = min(starts)
+        try:
+            value, end = decoder.raw_decode(text, j)
+        except ValueError:
+            i = j + 1
+            continue
+        out.append(value)
+        i = end
 
 
 def parse_calls(text: str, tools: list[ToolDef], prefix: str) -> list[ParsedCall]:
-    """The complete calls in ``text`` (``<tool_call>...</tool_call>`` blocks whose JSON names
-    an offered tool), each with a fresh id; arguments re-serialized compactly."""
+    """The complete calls in ``text``, in any family's syntax (JSON objects naming an
+    offered tool, alone or in a list), each with a fresh id; arguments re-serialized."""
     names = {t.name for t in tools}
     calls = []
-    for body in _CALL.findall(text):
-        try:
-            call = json.loads(body)
-        except ValueError:
-            continue
-        if not isinstance(call, dict) or call.get("name") not in names:
-            continue
-        arguments = call.get("arguments", {})
-        if isinstance(arguments, str):  # some models write the arguments as a JSON string
-            try:
-                arguments = json.loads(arguments)
-            except ValueError:
+    for value in _values(text):
+        for call in value if isinstance(value, list) else [value]:
+            if not isinstance(call, dict) or call.get("name") not in names:
                 continue
-        calls.append(ParsedCall(mint_id(prefix), str(call["name"]), json.dumps(arguments)))
+            arguments = call.get("arguments", call.get("parameters", {}))
+            if isinstance(arguments, str):  # some models write the arguments as a JSON string
+                try:
+                    arguments = json.loads(arguments)
+                except ValueError:
+                    continue
+            calls.append(ParsedCall(mint_id(prefix), str(call["name"]), json.dumps(arguments)))
     return calls

@@ -164,23 +164,38 @@ def test_a_forced_tool_use_has_an_input_that_validates(claude, choice):
     assert block.input["city"] in ("Paris", "Rome") and isinstance(block.input["days"], int)
 
 
-def test_a_streamed_tool_use_is_one_input_json_delta(raw):
-    body = {"model": "qwen", "max_tokens": 200, "messages": ASK, "tools": [WEATHER],
-            "tool_choice": {"type": "any", "disable_parallel_tool_use": True}, "stream": True,
-            "temperature": 0}  # fmt: skip
-    with raw.stream("POST", "/v1/messages", json=body) as response:
-        events = _events(response)
+def test_a_streamed_tool_use_arrives_in_input_json_fragments(raw, claude):
+    """The call's input is streamed as it is generated: several ``input_json_delta``
+    events in one ``tool_use`` block, which reassemble to the non-streaming call."""
+    request = {"model": "qwen", "max_tokens": 200, "messages": ASK, "tools": [WEATHER],
+               "tool_choice": {"type": "any", "disable_parallel_tool_use": True}}  # fmt: skip
+    whole = claude.messages.create(**request, extra_body=GREEDY)
+    [use] = whole.content
+    with raw.stream("POST", "/v1/messages", json={**request, **GREEDY, "stream": True}) as r:
+        events = _events(r)
     for _, data in events:
         if data["type"] != "ping":
             EVENTS.validate_python(data)
     names = [n for n, _ in events]
-    assert names == ["message_start", "content_block_start", "content_block_delta",
+    n = len(names) - 5
+    assert n > 1  # more than one fragment
+    assert names == ["message_start", "content_block_start", *["content_block_delta"] * n,
                      "content_block_stop", "message_delta", "message_stop"]  # fmt: skip
-    start, delta = events[1][1], events[2][1]
-    assert start["content_block"]["type"] == "tool_use" and start["content_block"]["input"] == {}
-    assert delta["delta"]["type"] == "input_json_delta"
-    assert json.loads(delta["delta"]["partial_json"])["city"] in ("Paris", "Rome")
-    assert events[4][1]["delta"]["stop_reason"] == "tool_use"
+    start = events[1][1]["content_block"]
+    assert start["type"] == "tool_use" and start["input"] == {} and start["name"] == use.name
+    fragments = [data["delta"] for _, data in events[2 : 2 + n]]
+    assert {f["type"] for f in fragments} == {"input_json_delta"}
+    assert json.loads("".join(f["partial_json"] for f in fragments)) == use.input
+    assert events[-2][1]["delta"]["stop_reason"] == "tool_use"
+    # The official client's stream accumulates the same fragments into the same call.
+    with claude.messages.stream(**request, extra_body=GREEDY) as stream:
+        deltas = [e for e in stream if e.type == "content_block_delta"]
+        final = stream.get_final_message()
+    assert len(deltas) == n
+    [streamed] = final.content
+    assert streamed.type == "tool_use" and streamed.name == use.name
+    assert streamed.input == use.input and streamed.id.startswith("toolu_")
+    assert final.stop_reason == "tool_use"
 
 
 def test_a_tool_result_turn_and_cache_reads_that_grow_over_a_conversation(claude):

@@ -149,6 +149,8 @@ def test_streamed_tool_call_fragments_reassemble_to_the_same_call(client):
                     call["name"] += frag.function.name or ""
                     call["arguments"] += frag.function.arguments or ""
     assert list(calls) == [0]
+    fragments = [f for c in chunks for ch in c.choices for f in ch.delta.tool_calls or []]
+    assert len([f for f in fragments if f.function and f.function.arguments]) > 1
     assert calls[0]["name"] == whole.function.name
     assert json.loads(calls[0]["arguments"]) == json.loads(whole.function.arguments)
     assert calls[0]["id"].startswith("call_")
