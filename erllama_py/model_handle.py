@@ -333,7 +333,8 @@ class ModelHandle:
 
     def chat_template_text(self) -> str | None:
         """The chat template chats use by default: the GGUF's Jinja text, else the name of
-        the llama.cpp built-in family it falls back to (None: neither)."""
+        the llama.cpp built-in family it falls back to (None: neither). Lock-free: it
+        reads what the model reported at load."""
         info = self._core.tree.models.get(self._name).shared.info
         return info.chat_template or info.chat_template_fallback
 

@@ -21,6 +21,7 @@ import pykka
 
 from erllama_py.cache.handle import CacheHandle
 from erllama_py.config import PressureSettings
+from erllama_py.timers import stop_timer
 from supervisors import SupervisedActor
 
 __all__ = ["PRESSURE_NAME", "PressureActor", "PressureCheck", "eviction_target", "system_memory"]
@@ -84,8 +85,7 @@ class PressureActor(SupervisedActor):
         self._arm()
 
     def on_stop(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
+        stop_timer(self._timer)
 
     def on_failure(self, *_exc_info: Any) -> None:
         self.on_stop()

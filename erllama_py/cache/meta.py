@@ -34,6 +34,7 @@ from erllama_py.cache.state import CacheState, tier_actor_name
 from erllama_py.cache.writer_pool import submit_unreserved
 from erllama_py.errors import CacheError, CacheFormatError, ReservationError
 from erllama_py.kinds import TierKind
+from erllama_py.timers import stop_timer
 from supervisors import SupervisedActor
 
 __all__ = ["MetaActor"]
@@ -108,8 +109,7 @@ class MetaActor(SupervisedActor):
         self._timer.start()
 
     def _cancel_sweep(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
+        stop_timer(self._timer)
 
     @property
     def _index(self) -> CacheIndex:

@@ -42,12 +42,14 @@ from erllama_py.kinds import FinishReason, HitKind, Phase, SaveReason
 from erllama_py.model.backend import validate_tokens
 from erllama_py.model.client import WorkerClient
 from erllama_py.model.planner import Planned, plan_tick
+from erllama_py.model.preamble import PreambleCache
 from erllama_py.model.prompt_cache import Deferred, PromptCache
 from erllama_py.model.protocol import Prefill, SamplerSpec, TokenOut
 from erllama_py.model.request import ChatPrompt, Request, RequestState, TextPrompt, TokenPrompt
 from erllama_py.model.state import ModelState, worker_name
 from erllama_py.params import ChatMessage, Tool
 from erllama_py.results import CacheHit, Completion, Timings, TokenLogprob, TopLogprob, Usage
+from erllama_py.timers import stop_timer
 from supervisors import ProcessChild, SupervisedActor
 
 __all__ = ["Call", "Cancel", "ModelActor", "Submit"]
@@ -101,6 +103,7 @@ class ModelActor(SupervisedActor):
         self._deferred = False
         self._timer: threading.Timer | None = None
         self._hung = False  # the last worker was killed for missing a deadline
+        self.preambles = PreambleCache()
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -122,8 +125,7 @@ class ModelActor(SupervisedActor):
         self._abandon(ModelError(f"model {self.name!r} failed; its requests were lost", self.name))
 
     def _abandon(self, error: ErllamaError) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
+        stop_timer(self._timer)
         for r in self.active:
             r.sink.fail(error)
         for r in self.pending:
@@ -378,6 +380,7 @@ class ModelActor(SupervisedActor):
             case ChatPrompt(messages, template, tools):
                 text = client.chat_template(messages, template, tools)
                 r.prompt = client.tokenize(text, add_special=True, parse_special=True)
+                r.preamble_at = self._preamble_at(client, r.request.prompt, r.prompt)
             case TextPrompt(text):
                 r.prompt = client.tokenize(text)
             case TokenPrompt(tokens):
@@ -411,6 +414,28 @@ class ModelActor(SupervisedActor):
                 r.sampler_spec = spec  # cannot fail: validated on submission
         if r.cursor == [] and (r.prefill_only or r.max_tokens == 0):
             r.finish_as(FinishReason.LENGTH)
+
+    def _preamble_at(self, client: WorkerClient, chat: ChatPrompt, prompt: list[int]) -> int | None:
+        """Where the chat's leading system messages end in its prompt (see preamble.py),
+        when a save there could serve other conversations."""
+        policy = self.shared.policy
+        if self.shared.deterministic or not policy.saves_enabled:
+            return None
+        if len(prompt) < max(policy.cold_min_tokens, policy.min_tokens or 0):
+            return None
+
+        def render(leading: Sequence[ChatMessage]) -> list[int]:
+            text = client.chat_template(leading, chat.template, chat.tools)
+            return client.tokenize(text, add_special=True, parse_special=True)
+
+        try:
+            at = self.preambles.save_point(chat.messages, chat.template, chat.tools, prompt, render)
+        except WorkerCrashedError:
+            raise
+        except ModelError as exc:  # a template that wants more turns than a system prompt
+            log.debug("model %s: no preamble save point: %s", self.name, exc)
+            return None
+        return at if at is not None and at >= (policy.min_tokens or 0) else None
 
     def _apply(self, plan: Sequence[Planned], results: Sequence[TokenOut | None]) -> None:
         assert self.cache is not None
@@ -522,6 +547,7 @@ class ModelActor(SupervisedActor):
         if r in self.active:
             self.active.remove(r)
         self.shared.obs.requests_done += 1
+        self._update_obs()  # a caller reading model_info once it has its result sees this
         # The caller has its result before the worker frees the sampler and clears the
         # sequence (two round trips): nothing in the result depends on them, and the
         # sequence is free again before this tick admits anything.

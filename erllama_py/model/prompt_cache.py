@@ -168,6 +168,8 @@ class PromptCache:
         policy = self.shared.policy
         if r.cursor and policy.saves_enabled and n - restored >= (policy.min_tokens or 0):
             r.end_save_at = n
+        if r.end_save_at is not None and r.preamble_at is not None and r.preamble_at > restored:
+            r.cold_save_at = r.preamble_at  # a shorter row: another chat's preamble
 
     def _cold(self, r: RequestState) -> None:
         assert r.seq is not None
@@ -189,6 +191,11 @@ class PromptCache:
                 r.cold_save_at = aligned
         else:
             r.cold_save_at = cold_save_split(n, policy)
+            if r.cold_save_at == n and r.preamble_at is not None:
+                # Save where the chat's system preamble ends, for other chats that share
+                # it, before the save at the prompt's end (for this chat's next turn).
+                # A trimmed cold save (boundary_trim_tokens) keeps its place instead.
+                r.cold_save_at = r.preamble_at
         if r.cold_save_at != n and n >= (policy.min_tokens or 0) and n >= policy.cold_min_tokens:
             r.end_save_at = n
 

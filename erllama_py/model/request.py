@@ -167,6 +167,8 @@ class RequestState:
     cursor: list[int] = field(default_factory=list)
     cold_save_at: int | None = None
     end_save_at: int | None = None
+    # Where a chat's leading system messages end (a state other chats can continue from).
+    preamble_at: int | None = None
     generated: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] | None = None  # one per generated token, when asked for
     # The last sampled token: generated, but in KV only once the next tick decodes it.

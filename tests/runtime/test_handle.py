@@ -33,7 +33,15 @@ from erllama_py import (
 )
 
 # Calls that return at once (lock-free reads, or submissions that hand back a stream).
-NOT_BLOCKING = {"name", "phase", "pending_len", "last_hit", "stream", "chat_stream"}
+NOT_BLOCKING = {
+    "name",
+    "phase",
+    "pending_len",
+    "last_hit",
+    "chat_template_text",
+    "stream",
+    "chat_stream",
+}
 
 
 def test_every_blocking_handle_call_has_an_asyncio_twin() -> None:
