@@ -118,7 +118,7 @@ def main() -> None:
                 print(f"rep {rep + 1}/{args.reps}: {name}", flush=True)
                 run = generate(rt, models[name], tokens, args.tokens)
                 runs[name].append(run)
-                outputs.append(run.tokens)
+                outputs.append(run["tokens"])
             same_output.append(all(o == outputs[0] for o in outputs))
 
     off = runs["saves off"]
