@@ -25,6 +25,7 @@ from erllama_py.daemon.http_client import HttpClientError, get_json
 from erllama_py.daemon.logfile import log_tail
 from erllama_py.daemon.messages import StatusReply, StatusRequest
 from erllama_py.daemon.pidfile import DAEMON_FLAG, daemon_pid, read_pid
+from erllama_py.daemon.units import format_size
 
 __all__ = [
     "NOT_RUNNING",
@@ -159,15 +160,6 @@ def stop(config: Config, timeout: float) -> int:
     return 0
 
 
-def _size(n: int) -> str:
-    value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if value < 1024 or unit == "GiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{n} B"
-
-
 def _uptime(seconds: float) -> str:
     s = int(seconds)
     h, rest = divmod(s, 3600)
@@ -192,7 +184,8 @@ def format_status(reply: StatusReply) -> str:
     lines.append("cache:")
     for t in reply.tiers:
         lines.append(
-            f"  {t.name} ({t.kind}): {t.rows} rows, {_size(t.bytes)} of {_size(t.quota_bytes)}"
+            f"  {t.name} ({t.kind}): {t.rows} rows, "
+            f"{format_size(t.bytes)} of {format_size(t.quota_bytes)}"
         )
     lines.append(f"worker restarts: {reply.worker_restarts}")
     return "\n".join(lines)

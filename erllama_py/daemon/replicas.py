@@ -14,6 +14,7 @@ from typing import Any
 from rich.table import Table
 
 from erllama_py.daemon.http_client import HttpClientError, get_json
+from erllama_py.daemon.units import format_size
 
 __all__ = [
     "NotOnRayError",
@@ -192,15 +193,6 @@ def fetch_replicas(url: str, api_key: str | None = None) -> RayStatus:
     return parse_ray_status(payload, base)
 
 
-def _size(n: int) -> str:
-    value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if value < 1024 or unit == "GiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    raise AssertionError("unreachable")
-
-
 def _by_kind(counts: dict[str, int]) -> str:
     return " ".join(f"{k} {v}" for k, v in counts.items() if v) or "0"
 
@@ -218,7 +210,7 @@ def replicas_table(status: RayStatus) -> Table:
     )  # fmt: skip
     for r in status.replicas:
         tiers = {t.name: t for t in r.tiers}
-        cells = [f"{tiers[n].rows} / {_size(tiers[n].bytes)}" if n in tiers else "-"
+        cells = [f"{tiers[n].rows} / {format_size(tiers[n].bytes)}" if n in tiers else "-"
                  for n in tier_names]  # fmt: skip
         table.add_row(
             r.replica, r.node_id[:12], str(r.slot), str(r.pid), _by_kind(r.hits),

@@ -425,16 +425,16 @@ class ModelActor(SupervisedActor):
             return None
 
         def render(leading: Sequence[ChatMessage]) -> list[int]:
-            text = client.chat_template(leading, chat.template, chat.tools)
-            return client.tokenize(text, add_special=True, parse_special=True)
+            try:
+                text = client.chat_template(leading, chat.template, chat.tools)
+                return client.tokenize(text, add_special=True, parse_special=True)
+            except WorkerCrashedError:
+                raise
+            except ModelError as exc:  # a template that wants more turns than a system prompt
+                log.debug("model %s: no preamble save point: %s", self.name, exc)
+                return []  # remembered: no save point for this preamble, no render again
 
-        try:
-            at = self.preambles.save_point(chat.messages, chat.template, chat.tools, prompt, render)
-        except WorkerCrashedError:
-            raise
-        except ModelError as exc:  # a template that wants more turns than a system prompt
-            log.debug("model %s: no preamble save point: %s", self.name, exc)
-            return None
+        at = self.preambles.save_point(chat.messages, chat.template, chat.tools, prompt, render)
         return at if at is not None and at >= (policy.min_tokens or 0) else None
 
     def _apply(self, plan: Sequence[Planned], results: Sequence[TokenOut | None]) -> None:

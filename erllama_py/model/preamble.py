@@ -63,7 +63,8 @@ class PreambleCache:
         chat has no leading system messages or the preamble shares nothing with it.
 
         `render` tokenizes a rendering of the given messages (with `template` and
-        `tools`); its errors propagate (a template that cannot render the preamble alone).
+        `tools`); an empty list (a template that cannot render the preamble alone) is
+        remembered like any other, so it is not rendered again.
         """
         leading = leading_system(messages)
         if not leading:
