@@ -46,6 +46,7 @@ from erllama_py.model.preamble import PreambleCache
 from erllama_py.model.prompt_cache import Deferred, PromptCache
 from erllama_py.model.protocol import Prefill, SamplerSpec, TokenOut
 from erllama_py.model.request import ChatPrompt, Request, RequestState, TextPrompt, TokenPrompt
+from erllama_py.model.seqpool import SeqPool
 from erllama_py.model.state import ModelState, worker_name
 from erllama_py.params import ChatMessage, Tool
 from erllama_py.results import CacheHit, Completion, Timings, TokenLogprob, TopLogprob, Usage
@@ -98,7 +99,7 @@ class ModelActor(SupervisedActor):
         self.cache: PromptCache | None = None
         self.pending: deque[RequestState] = deque()
         self.active: list[RequestState] = []
-        self.free: list[int] = []
+        self.free = SeqPool()
         self._tick_queued = False
         self._deferred = False
         self._timer: threading.Timer | None = None
@@ -152,7 +153,7 @@ class ModelActor(SupervisedActor):
         self.client = client
         self._hung = False
         self.cache = PromptCache(self.shared, client)
-        self.free = list(range(client.info.n_seq_max))
+        self.free = SeqPool(client.info.n_seq_max)
         return True
 
     # ------------------------------------------------------------------ messages
@@ -349,7 +350,7 @@ class ModelActor(SupervisedActor):
         self._deferred = False
         while self.pending and self.free:
             r = self.pending.popleft()
-            seq = self.free.pop(0)
+            seq = self.free.take()
             r.seq = seq
             r.t_admit = time.perf_counter()
             try:
@@ -568,8 +569,8 @@ class ModelActor(SupervisedActor):
                     client.clear_seq(r.seq)
             except WorkerCrashedError:
                 pass
-        if r.seq is not None and r.seq not in self.free:
-            self.free.insert(0, r.seq)
+        if r.seq is not None:
+            self.free.give(r.seq)
         r.sampler = None
         r.seq = None
 
@@ -596,7 +597,7 @@ class ModelActor(SupervisedActor):
         self.active.clear()
         self.client = None
         self.cache = None
-        self.free = []
+        self.free = SeqPool()
         if exc.hung_s is not None:
             self._hung = True
             self.shared.obs.worker_hangs += 1

@@ -629,8 +629,9 @@ class LlamaBackend:
         Everything is validated first (seq ids, no seq twice, known samplers,
         token ids, logits present for decodes, positions ``< n_ctx``, the batch
         ``<= n_batch``, free KV cells), raising InvalidRequestError or
-        ContextOverflowError with nothing changed. Then decode ops sample, in
-        op order, and one batch is decoded. If llama.cpp fails the decode
+        ContextOverflowError with nothing changed. Then decode ops sample, and
+        one batch is decoded (in ascending seq order; the results are in op
+        order). If llama.cpp fails the decode
         (ModelError), the samplers of the decode ops have already advanced and
         the sequences in the batch lose their logits: fail those requests.
         """
@@ -652,25 +653,29 @@ class LlamaBackend:
             for c in checked
         ]
 
-        results: list[StepResult] = []
+        results: list[StepResult] = [None] * len(plan)
         rows: list[tuple[int, int, int]] = []  # (seq, tokens added, batch row of its logits)
         # Generate ops that sample after the decode, and the log-probabilities they want.
         after: list[tuple[int, _Seq, Chain, int | None]] = []
         sid = self._b_sid
         k = 0
-        for op, st, arr, chain in plan:
+        # The batch holds the ops in ascending seq order: without a unified KV cache,
+        # llama.cpp puts sequences in one ubatch only while their ids are consecutive
+        # in batch order (split_equal), so any other order decodes one ubatch per
+        # sequence, a whole model pass each.
+        for i in sorted(range(len(plan)), key=lambda i: plan[i][0].seq):
+            op, st, arr, chain = plan[i]
             if isinstance(op, Generate):
                 assert chain is not None
                 if arr is None:
-                    results.append(self._sampled(chain, st, op.logprobs))
+                    results[i] = self._sampled(chain, st, op.logprobs)
                     continue
                 self._b_token[k] = arr[0]
                 self._b_pos[k] = st.n
                 sid[k][0] = op.seq
                 rows.append((op.seq, 1, k))
                 k += 1
-                after.append((len(results), st, chain, op.logprobs))
-                results.append(None)
+                after.append((i, st, chain, op.logprobs))
                 continue
             if arr is not None:
                 n = len(arr)
@@ -680,12 +685,11 @@ class LlamaBackend:
                     sid[j][0] = op.seq
                 rows.append((op.seq, n, k + n - 1))
                 k += n
-                results.append(None)
             else:
                 assert chain is not None
                 token = self._sample(chain, st)
                 eog = token in self._eog
-                results.append(Sampled(token, eog))
+                results[i] = Sampled(token, eog)
                 if not eog:
                     self._b_token[k] = token
                     self._b_pos[k] = st.n

@@ -43,6 +43,7 @@ __all__ = [
     "ABORT_PREFIX",
     "ggml_base_library",
     "KEEP_LINES",
+    "LEVEL_DEBUG",
     "LEVEL_ERROR",
     "LEVEL_WARN",
     "LogCapture",
@@ -71,9 +72,11 @@ _state: dict[str, Any] = {"last_level": LEVEL_INFO, "log_cb": None, "abort_cb": 
 
 
 class LogCapture:
-    """WARN and ERROR lines logged by llama.cpp while a :func:`capture` block ran."""
+    """Lines logged by llama.cpp while a :func:`capture` block ran (WARN and ERROR
+    unless the block asked for a lower ``level``)."""
 
-    def __init__(self) -> None:
+    def __init__(self, level: int = LEVEL_WARN) -> None:
+        self.level = level
         self.lines: list[str] = []
 
     @property
@@ -96,7 +99,7 @@ def _on_log(level: int, text: bytes | None, _user_data: Any) -> None:
             level = _state["last_level"]
         else:
             _state["last_level"] = level
-        if level < LEVEL_WARN or not text:
+        if not text or (level < LEVEL_WARN and not _captures):
             return
         # One record is one message: some lack the trailing newline, so do not
         # join records (a CONT record is kept as its own line when its level passes).
@@ -105,9 +108,12 @@ def _on_log(level: int, text: bytes | None, _user_data: Any) -> None:
             if not line:
                 continue
             with _lock:
-                _recent.append(line)
                 for cap in _captures:
-                    cap.lines.append(line)
+                    if level >= cap.level:
+                        cap.lines.append(line)
+                if level < LEVEL_WARN:
+                    continue
+                _recent.append(line)
             logger.log(logging.ERROR if level >= LEVEL_ERROR else logging.WARNING, "%s", line)
     except Exception:  # never let an exception cross back into C
         pass
@@ -162,9 +168,9 @@ def install() -> None:
 
 
 @contextmanager
-def capture() -> Iterator[LogCapture]:
-    """Collect the WARN/ERROR lines llama.cpp logs inside the block."""
-    cap = LogCapture()
+def capture(level: int = LEVEL_WARN) -> Iterator[LogCapture]:
+    """Collect the lines of at least `level` (WARN) llama.cpp logs inside the block."""
+    cap = LogCapture(level)
     with _lock:
         _captures.append(cap)
     try:

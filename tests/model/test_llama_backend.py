@@ -17,8 +17,8 @@ from erllama_py.errors import (
     InvalidRequestError,
     ModelError,
 )
-from erllama_py.model import llama_backend
-from erllama_py.model.backend import Backend, BackendInfo, Decode, Prefill, Sampled
+from erllama_py.model import llama_backend, llama_log
+from erllama_py.model.backend import Backend, BackendInfo, Decode, Generate, Prefill, Sampled
 from erllama_py.model.llama_backend import LlamaBackend, fingerprint_gguf
 from erllama_py.model.statebuf import HEADER_SIZE, KIND_LLAMA, StateBuffer, parse_header
 from erllama_py.model.stub_backend import StubBackend
@@ -226,6 +226,57 @@ def test_co_batched_prefill_and_decode_return_results_in_op_order(tiny: LlamaBac
     assert [tiny.seq_len(s) for s in range(3)] == [len(toks) + 1, 10, 5]
     res = tiny.step([Decode(1, g), Decode(0, g)])
     assert all(isinstance(r, Sampled) for r in res)
+
+
+def sampled(results: list[Sampled | None]) -> list[int]:
+    assert all(isinstance(r, Sampled) for r in results)
+    return [r.token for r in results if isinstance(r, Sampled)]
+
+
+def _ubatches_of_a_decode(
+    path: Path, monkeypatch: pytest.MonkeyPatch, orders: list[list[int]]
+) -> list[tuple[int, list[int]]]:
+    """For each order of seqs: how many ubatches llama.cpp split one step of those
+    seqs' generate ops into, and the tokens sampled, by seq."""
+    monkeypatch.setenv("LLAMA_BATCH_DEBUG", "1")  # read when the context is created
+    b = LlamaBackend.load(path, n_ctx=512, n_batch=256, n_seq_max=4, n_threads=2)
+    out: list[tuple[int, list[int]]] = []
+    try:
+        toks = b.tokenize(PROMPT)
+        for order in orders:
+            for seq in range(4):
+                b.clear_seq(seq)
+            b.step([Prefill(seq, toks[: 5 + 3 * seq]) for seq in range(4)])
+            samplers = {seq: b.new_sampler(SamplingParams()) for seq in order}
+            first = sampled(b.step([Generate(seq, samplers[seq], None) for seq in order]))
+            ops = [Generate(seq, samplers[seq], t) for seq, t in zip(order, first, strict=True)]
+            with llama_log.capture(llama_log.LEVEL_DEBUG) as cap:
+                res = sampled(b.step(ops))
+            by_seq = dict(zip(order, res, strict=True))
+            n = sum("added ubatch" in line for line in cap.lines)
+            out.append((n, [by_seq[s] for s in sorted(by_seq)]))
+            for sampler in samplers.values():
+                b.free_sampler(sampler)
+    finally:
+        b.close()
+    return out
+
+
+def test_co_batched_decodes_share_one_ubatch_in_any_op_order(
+    tiny_model_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Without a unified KV cache llama.cpp puts sequences in one ubatch (one pass
+    # over the weights) only while their ids are consecutive in batch order: the
+    # backend sorts the batch, so four decodes given in any order are one pass.
+    (asc, asc_tokens), (mixed, mixed_tokens), (gap, _) = _ubatches_of_a_decode(
+        tiny_model_path, monkeypatch, [[0, 1, 2, 3], [3, 1, 0, 2], [0, 2]]
+    )
+    assert asc == 1
+    assert mixed == 1
+    assert mixed_tokens == asc_tokens  # results come back in op order
+    # Ids with a gap cost one pass per run of consecutive ids: why the model actor
+    # hands out the lowest free sequence first.
+    assert gap == 2
 
 
 def test_logits_survive_decodes_of_other_sequences(tiny: LlamaBackend) -> None:
