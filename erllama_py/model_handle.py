@@ -329,6 +329,7 @@ class ModelHandle:
             worker_starts=shared.worker_starts,
             loaded_at=shared.loaded_at,
             worker_hangs=obs.worker_hangs,
+            seqs_moved=obs.seqs_moved,
         )
 
     def chat_template_text(self) -> str | None:

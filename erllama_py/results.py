@@ -253,6 +253,7 @@ class ModelInfo:
     worker_starts: int
     loaded_at: float
     worker_hangs: int = 0  # workers killed for missing a call's deadline (phase ``hung``)
+    seqs_moved: int = 0  # sequences moved to keep the ids in use consecutive (one pass)
 
     def to_dict(self) -> dict[str, JSON]:
         out: dict[str, JSON] = {

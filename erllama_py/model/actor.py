@@ -105,6 +105,7 @@ class ModelActor(SupervisedActor):
         self._timer: threading.Timer | None = None
         self._hung = False  # the last worker was killed for missing a deadline
         self.preambles = PreambleCache()
+        self._compact = True  # close gaps in the seq ids in use (see _pack_seqs)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -296,6 +297,7 @@ class ModelActor(SupervisedActor):
             for r in self.active:
                 if r.cancel_requested and not r.finishing:
                     r.finish_as(FinishReason.CANCELLED)
+            self._pack_seqs()
             assert self.client is not None
             info = self.client.info
             plan = plan_tick(
@@ -371,6 +373,40 @@ class ModelActor(SupervisedActor):
                 r.sink.fail(exc)
                 continue
             self.active.append(r)
+
+    def _pack_seqs(self) -> None:
+        """Close the gaps in the seq ids in use: move the highest sequence into the
+        lowest free id below it, until the ids in use are one run from 0.
+
+        llama.cpp decodes one run of consecutive ids per pass over the weights
+        (see seqpool.py): a gap left by a finished request would cost a whole pass
+        on every step until the sequences above it finish. A move copies the
+        sequence's KV cells in the worker (exact), once. It runs after admission,
+        so a queued request takes a free id first.
+        """
+        client = self.client
+        assert client is not None
+        while self._compact:
+            used = [r for r in self.active if r.seq is not None and not r.finishing]
+            low = self.free.lowest()
+            if not used or low is None:
+                return
+            top = max(used, key=lambda r: r.seq or 0)
+            assert top.seq is not None
+            if low > top.seq:
+                return
+            try:
+                client.move_seq(top.seq, low)
+            except WorkerCrashedError:
+                raise
+            except ErllamaError as exc:  # not expected; decoding goes on in more passes
+                log.warning("model %s: cannot move sequences (%s); gaps stay", self.name, exc)
+                self._compact = False
+                return
+            self.free.take()
+            self.free.give(top.seq)
+            top.seq = low
+            self.shared.obs.seqs_moved += 1
 
     def _start(self, r: RequestState) -> None:
         client = self.client

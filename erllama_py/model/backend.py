@@ -39,6 +39,7 @@ __all__ = [
     "Prefill",
     "Sampled",
     "StepResult",
+    "check_move",
     "check_step",
     "validate_messages",
     "validate_seq",
@@ -269,6 +270,12 @@ class Backend(Protocol):
         """Drop every position of ``seq`` and its logits."""
         ...
 
+    def move_seq(self, src: int, dst: int) -> None:
+        """Move every position and the logits of ``src`` to the empty ``dst``, exactly
+        (``src`` is empty afterwards). Raises InvalidRequestError if ``dst`` is in use
+        or is ``src``."""
+        ...
+
     def truncate(self, seq: int, n: int) -> bool:
         """Keep positions ``[0, n)``; False (and nothing changed) if that state
         cannot be produced exactly. Afterwards the seq has no logits, unless
@@ -373,6 +380,14 @@ class CheckedOp:
 
     op: Op
     tokens: np.ndarray | None
+
+
+def check_move(src: int, dst: int, dst_len: int) -> None:
+    """Refuse a move onto the source itself or onto a sequence in use (both backends)."""
+    if src == dst:
+        raise InvalidRequestError(f"cannot move seq {src} onto itself", param="dst")
+    if dst_len:
+        raise InvalidRequestError(f"seq {dst} is in use ({dst_len} positions)", param="dst")
 
 
 def check_step(

@@ -33,6 +33,7 @@ from erllama_py.model.protocol import (
     Failed,
     FreeSampler,
     LoadFailed,
+    MoveSeq,
     NewSampler,
     Ok,
     Pack,
@@ -277,6 +278,9 @@ class WorkerClient:
 
     def clear_seq(self, seq: int) -> None:
         self.call(ClearSeq(seq))
+
+    def move_seq(self, src: int, dst: int) -> None:
+        self.call(MoveSeq(src, dst))
 
     def seq_len(self, seq: int) -> int:
         return self.call(SeqLen(seq))

@@ -99,6 +99,7 @@ from erllama_py.model.backend import (
     Prefill,
     Sampled,
     StepResult,
+    check_move,
     check_step,
     log_softmax_top,
     pack_to_new_buffer,
@@ -587,6 +588,21 @@ class LlamaBackend:
         """Remove every cell of ``seq`` and forget its logits."""
         self._seq(seq)
         self._clear(seq)
+
+    @_api
+    def move_seq(self, src: int, dst: int) -> None:
+        """Move ``src``'s cells and logits to the empty ``dst``; see :meth:`Backend.move_seq`.
+
+        Without a unified KV cache llama.cpp copies the whole stream (all of its
+        ``n_ctx`` cells, when the next decode runs): a fixed cost per move, about
+        a third of a decode step on gemma-3-270m at n_ctx 4096.
+        """
+        a, b = self._seq(src), self._seq(dst)
+        check_move(src, dst, b.n)
+        _L.llama_memory_seq_cp(self._mem, src, dst, -1, -1)
+        _L.llama_memory_seq_rm(self._mem, src, -1, -1)
+        b.n, b.row, b.logits = a.n, a.row, a.logits
+        a.reset()
 
     def _clear(self, seq: int) -> None:
         _L.llama_memory_seq_rm(self._mem, seq, -1, -1)

@@ -54,6 +54,7 @@ __all__ = [
     "FreeSampler",
     "GenerateOp",
     "LoadFailed",
+    "MoveSeq",
     "NewSampler",
     "Ok",
     "Pack",
@@ -249,6 +250,14 @@ class Truncate(Command[bool]):
 @dataclass(frozen=True)
 class ClearSeq(Command[None]):
     seq: int
+
+
+@dataclass(frozen=True)
+class MoveSeq(Command[None]):
+    """Move a sequence's state to an empty sequence (see ``Backend.move_seq``)."""
+
+    src: int
+    dst: int
 
 
 @dataclass(frozen=True)

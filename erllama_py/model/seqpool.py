@@ -28,6 +28,10 @@ class SeqPool:
     def __contains__(self, seq: object) -> bool:
         return seq in self._free
 
+    def lowest(self) -> int | None:
+        """The id :meth:`take` would return, or None."""
+        return self._free[0] if self._free else None
+
     def take(self) -> int:
         """The lowest free id (IndexError when none is free)."""
         return self._free.pop(0)

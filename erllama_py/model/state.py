@@ -49,6 +49,7 @@ class ModelObs:
     requests_done: int = 0
     tokens_generated: int = 0
     worker_hangs: int = 0  # workers killed for missing a call's deadline
+    seqs_moved: int = 0  # sequences moved down to close a gap in the ids in use
 
 
 @dataclass

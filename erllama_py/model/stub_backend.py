@@ -49,6 +49,7 @@ from erllama_py.model.backend import (
     Prefill,
     Sampled,
     StepResult,
+    check_move,
     check_step,
     log_softmax_top,
     pack_to_new_buffer,
@@ -293,6 +294,13 @@ class StubBackend:
     def clear_seq(self, seq: int) -> None:
         """Empty ``seq``."""
         self._seq(seq).reset()
+
+    def move_seq(self, src: int, dst: int) -> None:
+        """Move ``src``'s state to the empty ``dst``."""
+        self._seq(src)
+        check_move(src, dst, len(self._seq(dst).tokens))
+        self._seqs[src], self._seqs[dst] = self._seqs[dst], self._seqs[src]
+        self._seqs[src].reset()
 
     def truncate(self, seq: int, n: int) -> bool:
         """Keep ``[0, n)``; False (unchanged) if an emulated SWA window lacks cells."""

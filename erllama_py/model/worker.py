@@ -30,6 +30,7 @@ from erllama_py.model.protocol import (
     FreeSampler,
     GenerateOp,
     LoadFailed,
+    MoveSeq,
     NewSampler,
     Ok,
     Pack,
@@ -197,6 +198,9 @@ class _Server:
                 return b.truncate(seq, n)
             case ClearSeq(seq):
                 b.clear_seq(seq)
+                return None
+            case MoveSeq(src, dst):
+                b.move_seq(src, dst)
                 return None
             case SeqLen(seq):
                 return b.seq_len(seq)

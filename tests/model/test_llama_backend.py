@@ -279,6 +279,45 @@ def test_co_batched_decodes_share_one_ubatch_in_any_op_order(
     assert gap == 2
 
 
+@pytest.mark.parametrize("kind", ["llama", "stub"])
+def test_a_moved_sequence_continues_exactly_from_its_new_id(
+    kind: str, tiny_model_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if kind == "stub":
+        b: Backend = StubBackend(n_ctx=512, n_batch=256, n_seq_max=4)
+    else:
+        monkeypatch.setenv("LLAMA_BATCH_DEBUG", "1")
+        b = LlamaBackend.load(tiny_model_path, n_ctx=512, n_batch=256, n_seq_max=4, n_threads=2)
+    try:
+        toks = b.tokenize(PROMPT)
+        g = b.new_sampler(SamplingParams())
+        b.step([Prefill(2, toks)])
+        expected = gen(b, 2, g, 12)  # type: ignore[arg-type]
+        b.clear_seq(2)
+        b.step([Prefill(2, toks)])
+        head = gen(b, 2, g, 4)  # type: ignore[arg-type]
+        with pytest.raises(InvalidRequestError):
+            b.move_seq(2, 2)
+        b.step([Prefill(1, toks[:3])])
+        with pytest.raises(InvalidRequestError):
+            b.move_seq(2, 1)  # in use
+        b.clear_seq(1)
+        b.move_seq(2, 1)
+        assert b.seq_len(2) == 0 and not b.has_logits(2)
+        assert b.seq_len(1) == len(toks) + 4
+        assert head + gen(b, 1, g, 8) == expected  # type: ignore[arg-type]
+        if kind == "llama":
+            # moved next to seq 0, the two decode in one pass
+            b.step([Prefill(0, toks[:9])])
+            g0 = b.new_sampler(SamplingParams())
+            t0, t1 = sampled(b.step([Generate(0, g0, None), Generate(1, g, None)]))
+            with llama_log.capture(llama_log.LEVEL_DEBUG) as cap:
+                b.step([Generate(0, g0, t0), Generate(1, g, t1)])
+            assert sum("added ubatch" in line for line in cap.lines) == 1
+    finally:
+        b.close()
+
+
 def test_logits_survive_decodes_of_other_sequences(tiny: LlamaBackend) -> None:
     toks = tiny.tokenize(PROMPT)
     g = tiny.new_sampler(SamplingParams())

@@ -215,3 +215,32 @@ def test_streams_and_completions_mixed_from_threads_all_finish_once(rt, load, n_
     again = [stub.complete(p, max_tokens=6).tokens for p in prompts]
     assert [r.tokens for r in results] == again
     assert rt.model_info("m").requests_done == 24
+
+
+def test_a_gap_left_by_a_finished_request_is_closed_and_outputs_do_not_change(
+    rt, load, model_kind, wait_until
+):
+    # Sequences in use are kept at consecutive ids (llama.cpp decodes one run of
+    # consecutive ids per pass): when the request in seq 1 ends, the one in seq 2
+    # moves down, and each request still gets exactly its own tokens (the tiny
+    # model's per-sequence KV streams make logits independent of the batch).
+    options: dict[str, Any] = {"n_seq_max": 4}
+    if model_kind == "stub":
+        options["stub"] = {"step_delay": 0.002}
+    load(rt, model_kind, **options)
+    reference = load(rt, model_kind, "ref", reference=True, n_seq_max=4)
+    prompts = prompts_for(3)
+    expected = [reference.complete(p, max_tokens=150).tokens for p in prompts]
+    streams = []
+    for prompt in prompts:  # admitted one by one: seqs 0, 1, 2
+        events = rt.stream("m", prompt, max_tokens=150)
+        first = next(events)
+        streams.append((events, list(first.tokens)))
+    streams[1][0].close()  # frees seq 1 below a running sequence
+    wait_until(lambda: rt.model_info("m").seqs_moved >= 1, "the sequence above the gap moved")
+    for i in (0, 2):
+        events, tokens = streams[i]
+        for event in events:
+            if event.type == "delta":
+                tokens.extend(event.tokens)
+        assert tokens == expected[i]
