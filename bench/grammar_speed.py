@@ -80,7 +80,12 @@ def ours(rt: Any, model: str, tokens: list[int], n: int, **options: Any) -> dict
             times.extend([time.perf_counter()] * len(event.tokens))
         elif event.type == "done":
             result = event.completion
-    return {"ms": _ms_per_token(times), "count": len(result.tokens), "text": result.text}
+    return {
+        "ms": _ms_per_token(times),
+        "count": len(result.tokens),
+        "text": result.text,
+        "finish": str(result.finish_reason),
+    }
 
 
 def peer(llm: Any, tokens: list[int], n: int, **options: Any) -> dict[str, Any]:
@@ -205,7 +210,7 @@ def main() -> None:
                     f"{r['peer']['ms']:.1f}",
                     f"{ratio(r, 'peer constrained', 'peer'):.2f}",
                     r["ours constrained"]["count"],
-                    "yes" if _valid(r["ours constrained"]["text"]) else "no",
+                    _verdict(r["ours constrained"]),
                 ]
                 for r in rows
             ],
@@ -254,6 +259,14 @@ def main() -> None:
         "and the parsed grammar per context, cloned for each request.",
     ]
     write_result(NAME, top + "\n".join(body), args.output, dirty_ok=args.dirty)
+
+
+def _verdict(run: dict[str, Any]) -> str:
+    if _valid(run["text"]):
+        return "yes"
+    if run["finish"] == "length":  # the grammar had not reached its end: not a violation
+        return f"cut at max_tokens ({run['count']})"
+    return "no"
 
 
 def _valid(value: str) -> bool:
