@@ -229,8 +229,9 @@ def ours(n_ctx: int, workdir: Path) -> Iterator[str]:
 
 
 @contextlib.contextmanager
-def peer(n_ctx: int, workdir: Path) -> Iterator[str]:
-    """``llama_cpp.server --cache`` on the model, its base URL."""
+def peer(n_ctx: int, workdir: Path, cache_mb: int) -> Iterator[str]:
+    """``llama_cpp.server`` on the model (``--cache`` with ``cache_mb`` of states when it
+    is above 0), its base URL."""
     port = _free_port()
     args = [
         sys.executable, "-m", "llama_cpp.server", "--model", str(model_path()),
@@ -238,12 +239,12 @@ def peer(n_ctx: int, workdir: Path) -> Iterator[str]:
         "--n_ubatch", str(N_BATCH), "--n_threads", str(N_THREADS),
         "--n_threads_batch", str(N_THREADS), "--chat_format", "gemma",
         # As our worker does for a sliding-window model (gemma-3): flash attention off.
-        "--flash_attn", "false", "--cache", "true", "--cache_type", "ram",
-        # Its quota counts the llama.cpp states only, not the 537 MB of logits each entry
-        # also holds (bench/README.md, multi_turn): 256 MiB keeps the last few turns.
-        "--cache_size", str(256 << 20),
-        "--host", "127.0.0.1", "--port", str(port),
+        "--flash_attn", "false", "--host", "127.0.0.1", "--port", str(port),
     ]  # fmt: skip
+    if cache_mb > 0:
+        # Its quota counts the llama.cpp states only, not the 537 MB of logits each entry
+        # also holds (bench/README.md, multi_turn).
+        args += ["--cache", "true", "--cache_type", "ram", "--cache_size", str(cache_mb << 20)]
     url = f"http://127.0.0.1:{port}"
     with _process(args, f"{url}/v1/models", workdir / "peer.log"):
         yield url
@@ -281,22 +282,25 @@ Row = tuple[int, int, int, dict[str, Any], dict[str, Any]]
 def replay(
     args: argparse.Namespace, tools: list[dict[str, Any]],
     agents: list[list[list[dict[str, Any]]]], work: Path,
-) -> list[list[Row]]:  # fmt: skip
+) -> tuple[list[list[Row]], str | None]:  # fmt: skip
     """Every turn of every agent on both servers, alternately, the agents interleaved:
-    per turn, one (turn, prompt, cached, ours, peer) row per agent."""
+    per turn, one (turn, prompt, cached, ours, peer) row per agent; and where the
+    peer's server died, if it did (our side then goes on alone)."""
     rows: list[list[Row]] = []
+    died: str | None = None
     with (
         ours(args.n_ctx, work) as our_url,
-        peer(args.n_ctx, work) as peer_url,
+        peer(args.n_ctx, work, args.peer_cache_mb) as peer_url,
         httpx.Client(timeout=900.0) as client,
     ):
+        alive: str | None = peer_url
         for turn in range(1, args.turns + 1):
             rows.append([])
             for agent, turns in enumerate(agents, start=1):
                 row = _one_turn(
                     args,
                     client,
-                    (our_url, peer_url),
+                    (our_url, alive),
                     tools=tools,
                     turn=turn,
                     turns=turns,
@@ -308,13 +312,14 @@ def replay(
                 ttfts = f"ours {mine['ttft']:.0f} ms, peer {theirs['ttft']:.0f} ms"
                 print(f"{who}turn {turn}: {prompt} prompt tokens, {cached} cached; {ttfts}",
                       flush=True)  # fmt: skip
-                if theirs["ttft"] != theirs["ttft"]:  # the peer died
-                    return rows
-    return rows
+                if alive is not None and theirs["ttft"] != theirs["ttft"]:  # the peer died
+                    alive = None  # our side goes on alone; the peer's turns stay NaN
+                    died = f"agent {agent}, turn {turn}: {theirs['error']}"
+    return rows, died
 
 
 def _one_turn(
-    args: argparse.Namespace, client: httpx.Client, urls: tuple[str, str], *,
+    args: argparse.Namespace, client: httpx.Client, urls: tuple[str, str | None], *,
     tools: list[dict[str, Any]], turn: int, turns: list[list[dict[str, Any]]], work: Path,
 ) -> Row:  # fmt: skip
     our_url, peer_url = urls
@@ -330,12 +335,15 @@ def _one_turn(
     usage = mine["usage"] or {}
     prompt = int(usage.get("prompt_tokens", 0))
     cached = int((usage.get("prompt_tokens_details") or {}).get("cached_tokens", 0))
+    if peer_url is None:
+        return (turn, prompt, cached, mine, {"ttft": NAN, "wall": NAN})
     try:
         theirs = streamed_turn(client, peer_url, {**base, "messages": for_peer(plain)})
     except httpx.HTTPError as exc:  # the peer died: say so, keep our figures
         log = (work / "peer.log").read_text(errors="replace")[-2000:]
         print(f"turn {turn}: the peer failed ({exc}); its log ends:\n{log}", flush=True)
-        theirs = {"ttft": NAN, "wall": NAN}
+        last = [line for line in log.splitlines() if line.strip()][-1:] or ["(empty log)"]
+        theirs = {"ttft": NAN, "wall": NAN, "error": f"{exc!r}; its log ends: {last[0][:200]}"}
     return (turn, prompt, cached, mine, theirs)
 
 
@@ -372,11 +380,22 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--agents", type=int, default=1,
                         help="agent conversations replayed at once, interleaved")  # fmt: skip
+    parser.add_argument(
+        "--peer-cache-mb",
+        type=int,
+        default=256,
+        help="llama_cpp.server --cache_size in MiB; 0 runs it without --cache",
+    )
     parser.add_argument("--tools", choices=["text", "auto"], default="text",
                         help="how ours gets the tools (see the module docstring)")  # fmt: skip
     result_options(parser)
     args = parser.parse_args()
-    head = header("Agent replay over HTTP: erllama-py vs llama_cpp.server --cache",
+    peer_name = (
+        f"llama_cpp.server --cache ({args.peer_cache_mb} MiB)"
+        if args.peer_cache_mb > 0
+        else "llama_cpp.server without --cache (it reuses the prefix its one context holds)"
+    )
+    head = header(f"Agent replay over HTTP: erllama-py vs {peer_name}",
                   command_line(NAME), dirty_ok=args.dirty)  # fmt: skip
     system, tools = preamble(args.seed, args.tool_words, args.system_words)
     if args.agents < 1:
@@ -386,7 +405,8 @@ def main() -> None:
         for a in range(args.agents)
     ]
     with tempfile.TemporaryDirectory(prefix="erllama-bench-agent-") as tmp:
-        rows = per_turn(replay(args, tools, agents, Path(tmp)))
+        replayed, died = replay(args, tools, agents, Path(tmp))
+    rows = per_turn(replayed)
     later = [r for r in rows if r[0] >= 2]
     both = [r for r in later if r[4]["ttft"] == r[4]["ttft"]]  # the peer answered (not NaN)
     ratios = [r[3]["ttft"] / r[4]["ttft"] for r in both] or [NAN]
@@ -435,6 +455,7 @@ def main() -> None:
         f"- preamble (system prompt + {len(tools)} tool definitions) and task: "
         f"{rows[0][1] // args.agents} tokens; tools sent to ours as: {args.tools}; "
         f"{os.cpu_count()} CPUs shared with other jobs",
+        *([f"- the peer's server died ({died}); the later turns are ours alone"] if died else []),
     ]
     write_result(NAME, "\n".join(body), args.output, dirty_ok=args.dirty)
 
