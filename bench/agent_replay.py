@@ -240,6 +240,9 @@ def peer(n_ctx: int, workdir: Path, cache_mb: int) -> Iterator[str]:
         "--n_threads_batch", str(N_THREADS), "--chat_format", "gemma",
         # As our worker does for a sliding-window model (gemma-3): flash attention off.
         "--flash_attn", "false", "--host", "127.0.0.1", "--port", str(port),
+        # Its default (true) keeps n_ctx x n_vocab logits (12.9 GB at 12,288 x 262k) and
+        # copies them into every cache entry: with it the server was OOM-killed at turn 2.
+        "--logits_all", "false",
     ]  # fmt: skip
     if cache_mb > 0:
         # Its quota counts the llama.cpp states only, not the 537 MB of logits each entry

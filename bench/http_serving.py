@@ -195,6 +195,9 @@ def start_peer(tmp: Path, *, cache: bool) -> Server:
         "--n_threads_batch", str(N_THREADS), "--n_ctx", str(N_CTX),
         "--n_batch", str(N_BATCH), "--n_ubatch", str(N_BATCH), "--chat_format", "gemma",
         "--interrupt_requests", "false", "--verbose", "false",
+        # Its default (true) keeps n_ctx x n_vocab logits (4.3 GB here) and copies them
+        # into every cache entry; off, an entry holds n_batch x n_vocab (its best case).
+        "--logits_all", "false",
         "--host", "127.0.0.1", "--port", str(port),
         "--cache", "true" if cache else "false",
     ]  # fmt: skip

@@ -48,7 +48,7 @@ from erllama_py.model.protocol import Prefill, SamplerSpec, TokenOut
 from erllama_py.model.request import ChatPrompt, Request, RequestState, TextPrompt, TokenPrompt
 from erllama_py.model.seqpool import SeqPool
 from erllama_py.model.state import ModelState, worker_name
-from erllama_py.params import ChatMessage, Tool
+from erllama_py.params import PENALTY_WINDOW, ChatMessage, Tool
 from erllama_py.results import CacheHit, Completion, Timings, TokenLogprob, TopLogprob, Usage
 from erllama_py.timers import stop_timer
 from supervisors import ProcessChild, SupervisedActor
@@ -444,7 +444,8 @@ class ModelActor(SupervisedActor):
         if not r.cursor:  # an exact hit: nothing to prefill, decoding starts now
             r.t_prefill_done = time.perf_counter()
         if not r.prefill_only:
-            spec = SamplerSpec(r.request.options.sampling, tuple(r.prompt))
+            # Only the penalty window primes a sampler: a long prompt is not shipped whole.
+            spec = SamplerSpec(r.request.options.sampling, tuple(r.prompt[-PENALTY_WINDOW:]))
             if spec.params.constrained:
                 r.sampler = client.new_sampler(spec)  # a bad grammar fails here, alone
             else:
