@@ -229,6 +229,55 @@ def test_a_tool_result_turn_and_cache_reads_that_grow_over_a_conversation(claude
     assert counted.input_tokens > reads[2]
 
 
+def test_an_agents_cache_control_and_thinking_do_not_change_the_prompt(claude):
+    # Claude Code and friends mark blocks with cache_control, may ask for extended
+    # thinking, and send earlier thinking blocks back: the markers and the thinking
+    # config are accepted and ignored (the token-exact cache needs no hints; the model
+    # produces no thinking), thinking blocks are dropped, and the prompt is token for
+    # token the one without them.
+    ephemeral = {"type": "ephemeral"}
+    plain_system = [{"type": "text", "text": "You answer about the weather."}]
+    marked_system = [{**plain_system[0], "cache_control": ephemeral}]
+    plain: list[Any] = [
+        {"role": "user", "content": [{"type": "text", "text": "weather in rome?"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "Sunny."}]},
+        {"role": "user", "content": [{"type": "text", "text": "and paris?"}]},
+    ]
+    marked: list[Any] = [
+        {"role": "user", "content": [{**plain[0]["content"][0], "cache_control": ephemeral}]},
+        {"role": "assistant", "content": [
+            {"type": "thinking", "thinking": "The user asks about Rome.", "signature": "sig"},
+            {"type": "redacted_thinking", "data": "opaque"},
+            {"type": "text", "text": "Sunny."},
+        ]},
+        {"role": "user", "content": [{**plain[2]["content"][0], "cache_control": ephemeral}]},
+    ]  # fmt: skip
+    tools = [{**WEATHER, "cache_control": ephemeral}]
+    counts = [
+        claude.messages.count_tokens(model="qwen", system=system, messages=messages, tools=t)
+        for system, messages, t in (
+            (plain_system, plain, [WEATHER]),
+            (marked_system, marked, tools),
+        )
+    ]
+    assert counts[0].input_tokens == counts[1].input_tokens
+    thinking = {"thinking": {"type": "enabled", "budget_tokens": 1024}}
+    replies = [
+        claude.messages.create(
+            model="qwen", max_tokens=6, system=system, messages=messages, extra_body=GREEDY,
+            **extra,
+        )
+        for system, messages, extra in (
+            (plain_system, plain, {}), (marked_system, marked, thinking),
+        )
+    ]  # fmt: skip
+    for reply in replies:
+        Message.model_validate(reply.model_dump())
+        assert [block.type for block in reply.content] == ["text"]
+    assert replies[1].content[0].text == replies[0].content[0].text
+    assert replies[1].usage.input_tokens == replies[0].usage.input_tokens
+
+
 def test_errors_are_in_anthropics_envelope(serving, raw, claude):
     with pytest.raises(anthropic.AuthenticationError) as auth:
         anthropic.Anthropic(base_url=serving.url, api_key="wrong", max_retries=0).messages.create(
