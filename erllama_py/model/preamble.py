@@ -6,9 +6,12 @@ of each prompt is a prefix of that conversation's next turn, never of another
 conversation's prompt, so a second agent would prefill the whole preamble
 again. A chat whose first message is a system message therefore also saves
 its state where its leading system messages end: the longest token prefix
-that the rendering of those messages alone shares with the whole prompt
-(templates differ in what follows the system text; the common prefix is a
-valid save point whatever they render there).
+that a rendering of those messages shares with the whole prompt (templates
+differ in what follows the system text; the common prefix is a valid save
+point whatever they render there). Two renderings are tried: the system
+messages alone, and followed by an empty user turn, because templates without
+a system role (Gemma's, Mistral's) fold the system text into the first user
+turn and render nothing of it alone.
 
 The tokens of a preamble are computed once per (template, messages, tools)
 and kept in a small LRU, since the same preamble comes back every turn.
@@ -25,6 +28,7 @@ from erllama_py.params import ChatMessage, Tool
 __all__ = ["PreambleCache", "leading_system", "shared_prefix_len"]
 
 Render = Callable[[Sequence[ChatMessage]], list[int]]
+PROBE: ChatMessage = {"role": "user", "content": ""}  # the turn a system text may be folded into
 
 
 def leading_system(messages: Sequence[ChatMessage]) -> list[ChatMessage]:
@@ -49,7 +53,7 @@ class PreambleCache:
 
     def __init__(self, capacity: int = 32) -> None:
         self.capacity = capacity
-        self._tokens: OrderedDict[str, list[int]] = OrderedDict()
+        self._tokens: OrderedDict[str, tuple[list[int], ...]] = OrderedDict()
 
     def save_point(
         self,
@@ -63,20 +67,20 @@ class PreambleCache:
         chat has no leading system messages or the preamble shares nothing with it.
 
         `render` tokenizes a rendering of the given messages (with `template` and
-        `tools`); an empty list (a template that cannot render the preamble alone) is
-        remembered like any other, so it is not rendered again.
+        `tools`); an empty list (a template that cannot render them) is remembered
+        like any other, so it is not rendered again.
         """
         leading = leading_system(messages)
         if not leading:
             return None
         key = json.dumps([template, leading, list(tools or ())], sort_keys=True, default=str)
-        tokens = self._tokens.get(key)
-        if tokens is None:
-            tokens = render(leading)
-            self._tokens[key] = tokens
+        renderings = self._tokens.get(key)
+        if renderings is None:
+            renderings = (render(leading), render([*leading, PROBE]))
+            self._tokens[key] = renderings
             while len(self._tokens) > self.capacity:
                 self._tokens.popitem(last=False)
         else:
             self._tokens.move_to_end(key)
-        n = shared_prefix_len(tokens, prompt)
+        n = max(shared_prefix_len(tokens, prompt) for tokens in renderings)
         return n if 0 < n < len(prompt) else None

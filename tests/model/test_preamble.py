@@ -38,7 +38,7 @@ def test_a_preamble_is_rendered_once_and_cut_where_the_prompt_differs() -> None:
     cache = PreambleCache()
     assert cache.save_point([SYSTEM, USER], None, None, [1, 2, 3, 4, 5, 6], render) == 4
     assert cache.save_point([SYSTEM, USER], None, None, [1, 2, 3, 4, 7], render) == 4
-    assert len(renders) == 1
+    assert len(renders) == 2  # alone and before an empty user turn, once
     assert cache.save_point([USER], None, None, [1, 2, 3], render) is None
     assert cache.save_point([SYSTEM, USER], None, None, [1, 2, 3, 4], render) is None  # whole
     assert cache.save_point([SYSTEM, USER], "chatml", None, [5, 6], render) is None  # nothing
@@ -56,6 +56,25 @@ def test_the_least_recently_used_preamble_is_forgotten_first() -> None:
     chats = [[{"role": "system", "content": str(i)}, USER] for i in range(3)]
     for chat in (chats[0], chats[1], chats[0], chats[2], chats[0]):
         cache.save_point(chat, None, None, [1, 2, 3], render)  # type: ignore[arg-type]
-    assert count == 3  # chats[0] stayed; chats[1] went when chats[2] came
+    assert count == 6  # two renderings each; chats[0] stayed, chats[1] went for chats[2]
     cache.save_point(chats[1], None, None, [1, 2, 3], render)  # type: ignore[arg-type]
-    assert count == 4
+    assert count == 8
+
+
+def test_a_system_text_folded_into_the_first_user_turn_still_has_its_save_point() -> None:
+    # Gemma's and Mistral's templates have no system role: the system text opens the
+    # first user turn, and the system messages alone render to nothing of it.
+    def fold(messages: Sequence[ChatMessage]) -> list[int]:
+        system = [ord(c) for m in messages if m["role"] == "system" for c in str(m["content"])]
+        out = [0]  # BOS
+        for m in messages:
+            if m["role"] == "user":
+                out += [1, *system, 2, *(ord(c) for c in str(m["content"])), 3]
+                system = []
+        return [*out, 4]  # the generation prompt
+
+    prompt = fold([SYSTEM, USER])
+    at = PreambleCache().save_point([SYSTEM, USER], None, None, prompt, fold)
+    other = fold([SYSTEM, {"role": "user", "content": "another task"}])
+    assert at == 2 + len("you are terse") + 1  # BOS, turn opener, the system text, its join
+    assert prompt[:at] == other[:at]

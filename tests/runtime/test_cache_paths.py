@@ -174,19 +174,26 @@ def test_a_conversation_resent_in_full_each_turn_stays_warm(rt, load):
         messages.append({"role": "assistant", "content": result.text})
 
 
-def test_chats_sharing_a_system_preamble_continue_from_its_state(rt, load):
+@pytest.mark.parametrize("template", [None, "gemma"], ids=["own-template", "gemma-folds-system"])
+def test_chats_sharing_a_system_preamble_continue_from_its_state(rt, load, template):
     # Agents: one system prompt, many conversations. The first chat saves where its
     # system message ends as well as at its prompt's end, so the others restore it.
+    # llama.cpp's gemma template has no system role (the text opens the first user
+    # turn, and a system message alone renders to nothing): the save point holds too.
     load(rt, "tiny", n_ctx=1024)
     rng = random.Random(7)
     system = {"role": "system", "content": " ".join(rng.choices(TINY_WORDS, k=80))}
-    first = rt.chat("m", [system, {"role": "user", "content": "the cat"}], max_tokens=2)
+    first = rt.chat(
+        "m", [system, {"role": "user", "content": "the cat"}], template=template, max_tokens=2
+    )
     assert first.cache.kind == "cold"
     rt.cache.wait_idle()
     preamble, whole = sorted(r.n_tokens for r in rows_by_reason(rt, "cold"))
     assert 80 <= preamble < whole == first.usage.prompt_tokens
     for question in ("a red tree", "the blue moon and the sun"):
-        other = rt.chat("m", [system, {"role": "user", "content": question}], max_tokens=2)
+        other = rt.chat(
+            "m", [system, {"role": "user", "content": question}], template=template, max_tokens=2
+        )
         # At least the preamble; more where the tiny model can cut the longer row back
         # (a sliding-window model cannot past its window: then the preamble row serves).
         assert other.cache.kind == "prefix" and other.cache.prefix_len >= preamble
