@@ -99,7 +99,7 @@ def _on_log(level: int, text: bytes | None, _user_data: Any) -> None:
             level = _state["last_level"]
         else:
             _state["last_level"] = level
-        if not text or (level < LEVEL_WARN and not _captures):
+        if not text or (level < LEVEL_WARN and all(level < c.level for c in _captures)):
             return
         # One record is one message: some lack the trailing newline, so do not
         # join records (a CONT record is kept as its own line when its level passes).
