@@ -298,6 +298,27 @@ def test_past_the_sliding_window_a_greedy_resume_is_exact_and_seeded_agreement_i
     real.report(f"seeded resume past the window: {agree} of 4 runs equal to one uninterrupted run")
 
 
+@pytest.mark.parametrize(
+    "sampling", [{}, {"temperature": 0.8, "seed": 7}], ids=["greedy", "seeded"]
+)
+def test_past_the_sliding_window_a_resume_from_a_continued_save_equals_one_run(
+    real: RealModel, sampling: dict[str, Any]
+) -> None:
+    # A continued save makes the live run go on from the state it saved, so a later
+    # request starting from that row computes what the live run computed: the same
+    # tokens as one uninterrupted run, seeded included, past the window.
+    tokens = real.tokens(real.passage(f"Continued resume {bool(sampling)}", 60))
+    assert len(tokens) > 600, "past the sliding window"
+    whole = real.rt.complete(real.main, tokens, max_tokens=110, **sampling)
+    assert len(whole.tokens) == 110
+    real.rt.cache.wait_idle(30.0)
+    # The live run saved its context of len(tokens) + n tokens, n the continued interval.
+    n = real.rt.model_info(real.main).policy.continued_interval
+    resumed = real.rt.complete(real.main, tokens + whole.tokens[:n], max_tokens=46, **sampling)
+    assert resumed.cache.kind == "exact"
+    assert resumed.tokens == whole.tokens[n:]
+
+
 def test_a_prompt_extending_a_saved_one_is_a_prefix_hit(real: RealModel) -> None:
     saved = real.passage("Prefix hit", 14)
     first = real.rt.complete(real.main, saved, max_tokens=4)
