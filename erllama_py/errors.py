@@ -81,6 +81,10 @@ class InvalidTokensError(CacheError, ValueError):
     """A token list holds an id outside ``[0, 2**32)`` or a non-integer."""
 
 
+CHECKSUM_MISMATCH = "checksum_mismatch"
+"""The `CacheFormatError` reason of a payload whose bytes are not the ones it was saved with."""
+
+
 class CacheFormatError(CacheError):
     """A cache file or buffer failed strict parsing.
 

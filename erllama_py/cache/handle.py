@@ -27,7 +27,7 @@ from erllama_py.cache.ramstore import RamEntry
 from erllama_py.cache.rows import Claim, PrefixHit, RowInfo
 from erllama_py.cache.state import CacheState
 from erllama_py.cache.writer_pool import submit_reserved
-from erllama_py.errors import CacheError, CacheFormatError, RuntimeStoppedError
+from erllama_py.errors import CHECKSUM_MISMATCH, CacheError, CacheFormatError, RuntimeStoppedError
 from erllama_py.kinds import SaveReason, TierKind
 
 __all__ = ["CacheHandle", "SaveTicket"]
@@ -324,8 +324,7 @@ class CacheHandle:
             return None
         view = entry.view()
         if claim.checksum is not None and payload_checksum(view) != claim.checksum:
-            self._meta.tell.remove_corrupt(claim.key, claim.tier, "checksum_mismatch")
-            self.shared.counters.incr("load_misses")
+            self.reject(claim)
             return None
         if allocate is None:
             self.count_load(view.nbytes, copied=0)
@@ -335,27 +334,24 @@ class CacheHandle:
         self.count_load(view.nbytes, copied=view.nbytes)
         return target[: view.nbytes].toreadonly()
 
-    def load_ram_unverified(self, claim: Claim) -> memoryview | None:
-        """A claimed RAM row's payload, without a copy and not yet verified: the
-        caller runs `verify` before it samples anything from a state restored from it
-        (the check may run while the restore does). None if the row is gone."""
+    def load_ram_unverified(self, claim: Claim) -> int | None:
+        """The size of a claimed RAM row's payload, handed over without a copy and not
+        yet verified: the worker that restores it checks ``claim.checksum`` before it
+        samples anything from it (while the restore runs), and a mismatch goes to
+        `reject`. None if the row is gone."""
         assert claim.kind == "ram"
         entry = self.shared.ram.get(claim.key)
         if entry is None:
             self.shared.counters.incr("load_misses")
             return None
-        view = entry.view()
-        self.count_load(view.nbytes, copied=0)
-        return view
+        self.count_load(entry.size, copied=0)
+        return entry.size
 
-    def verify(self, claim: Claim, view: memoryview) -> bool:
-        """Whether `view` (from `load_ram_unverified`) has the row's checksum; a row that
-        does not is removed and counted as `load` does with a corrupt one."""
-        if claim.checksum is None or payload_checksum(view) == claim.checksum:
-            return True
-        self._meta.tell.remove_corrupt(claim.key, claim.tier, "checksum_mismatch")
+    def reject(self, claim: Claim) -> None:
+        """A claimed row's payload did not have its checksum: remove it and count it as
+        `load` does with a corrupt one."""
+        self._meta.tell.remove_corrupt(claim.key, claim.tier, CHECKSUM_MISMATCH)
         self.shared.counters.incr("load_misses")
-        return False
 
     def count_load(self, nbytes: int, *, copied: int) -> None:
         """Count `nbytes` of payload loaded, `copied` of them copied on the way

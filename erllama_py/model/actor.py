@@ -358,7 +358,7 @@ class ModelActor(SupervisedActor):
             try:
                 self._start(r)
             except WorkerCrashedError:
-                r.seq = None
+                r.seq = r.sampler = r.first = None  # the dead worker's
                 self.pending.appendleft(r)
                 raise
             except Deferred:
@@ -373,6 +373,10 @@ class ModelActor(SupervisedActor):
                 r.sink.fail(exc)
                 continue
             self.active.append(r)
+            if r.first is not None:
+                op, out = r.first
+                r.first = None
+                self._apply([Planned(r, op, 1)], [out])
 
     def _pack_seqs(self) -> None:
         """Close the gaps in the seq ids in use: move the highest sequence into the
@@ -440,9 +444,6 @@ class ModelActor(SupervisedActor):
                 self.name,
                 param="max_tokens",
             )
-        self.cache.resolve(r)
-        if not r.cursor:  # an exact hit: nothing to prefill, decoding starts now
-            r.t_prefill_done = time.perf_counter()
         if not r.prefill_only:
             # Only the penalty window primes a sampler: a long prompt is not shipped whole.
             spec = SamplerSpec(r.request.options.sampling, tuple(r.prompt[-PENALTY_WINDOW:]))
@@ -450,6 +451,9 @@ class ModelActor(SupervisedActor):
                 r.sampler = client.new_sampler(spec)  # a bad grammar fails here, alone
             else:
                 r.sampler_spec = spec  # cannot fail: validated on submission
+        self.cache.resolve(r)  # an exact hit samples its first token with the restore
+        if not r.cursor:  # an exact hit: nothing to prefill, decoding starts now
+            r.t_prefill_done = time.perf_counter()
         if r.cursor == [] and (r.prefill_only or r.max_tokens == 0):
             r.finish_as(FinishReason.LENGTH)
 

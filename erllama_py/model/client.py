@@ -15,7 +15,7 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TypeVar, cast
 
@@ -32,6 +32,7 @@ from erllama_py.model.protocol import (
     Embed,
     Failed,
     FreeSampler,
+    GenerateOp,
     LoadFailed,
     MoveSeq,
     NewSampler,
@@ -51,6 +52,7 @@ from erllama_py.model.protocol import (
     TokenOut,
     Truncate,
     Unpack,
+    Unpacked,
     WorkerSpec,
     raise_remote,
 )
@@ -132,10 +134,6 @@ def _kill(process: ProcessChild) -> None:
 def _timeval(seconds: float) -> bytes:
     whole = int(seconds)
     return struct.pack("ll", whole, int((seconds - whole) * 1_000_000))
-
-
-def _nothing() -> bool:
-    return True
 
 
 def _set_socket_timeout(sock: socket.socket, option: int, seconds: float) -> None:
@@ -348,14 +346,13 @@ class WorkerClient:
         seq: int,
         buffer: StateBuffer | ArenaSlice,
         size: int | None = None,
-        meanwhile: Callable[[], bool] = _nothing,
-    ) -> tuple[int, bool]:
+        *,
+        checksum: int | None = None,
+        then: GenerateOp | None = None,
+    ) -> Unpacked:
         """Restore a sequence from the first `size` bytes (default: all) of a shared
-        buffer or an arena slot; returns the tokens restored and what `meanwhile`
-        returned.
-
-        `meanwhile` runs in this thread while the worker restores (a checksum
-        of the buffer, say); the reply is read after it, even if it raises.
+        buffer or an arena slot (see `Unpack`: `checksum` is checked in the worker
+        while it restores, and `then` samples the first token once it is verified).
 
         Raises:
             WorkerCrashedError: the worker died.
@@ -363,37 +360,29 @@ class WorkerClient:
             CacheFormatError, ContextOverflowError, ModelError: it refused the state.
         """
         n = buffer.size if size is None else size
-        deadline_s = self.deadline.for_work()
+        deadline_s = self.deadline.for_work(0 if then is None else 1)
         with self._lock:
             try:
                 self._arm(deadline_s)
                 if isinstance(buffer, ArenaSlice):
                     fresh = buffer.segment_id not in self._segments_sent
                     slot = buffer.ref(fd_follows=fresh)
-                    self.process.channel.send(Unpack(seq, n, slot))
+                    self.process.channel.send(Unpack(seq, n, slot, checksum, then))
                     if fresh:
                         self.process.channel.send_fds(FD_MARK, [buffer.segment_fd])
                         self._segments_sent.add(buffer.segment_id)
                 else:
-                    self.process.channel.send(Unpack(seq, n))
+                    self.process.channel.send(Unpack(seq, n, None, checksum, then))
                     self.process.channel.send_fds(FD_MARK, [buffer.fd])
-            except BlockingIOError:  # a send timed out: the worker stopped reading
+                reply = self._await_reply()
+            except BlockingIOError:  # no answer within the deadline (or a send timed out)
                 raise self._kill_hung(deadline_s) from None
             except (EOFError, OSError):
                 raise self.crashed() from None
-            try:
-                verdict = meanwhile()
-            finally:
-                try:
-                    reply = self._await_reply()
-                except BlockingIOError:  # no answer within the deadline
-                    raise self._kill_hung(deadline_s) from None
-                except (EOFError, OSError):
-                    raise self.crashed() from None
         if isinstance(reply, Failed) and reply.errno is not None:
             self._segments_sent.clear()  # resend descriptors: the worker may lack one
             raise OSError(reply.errno, f"worker: {reply.message}")
-        return cast(int, self._value(reply)), verdict
+        return cast(Unpacked, self._value(reply))
 
 
 def wait_until_dead(process: ProcessChild, timeout: float) -> bool:

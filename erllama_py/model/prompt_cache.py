@@ -20,10 +20,8 @@ exactly as a cold run of the same prompt.
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 import time
-from collections.abc import Callable
 from concurrent.futures import Future
 
 from erllama_py.cache.key import encode_tokens
@@ -32,6 +30,7 @@ from erllama_py.cache.publish import SaveResult
 from erllama_py.cache.rows import Claim, RowInfo
 from erllama_py.cache.save_failures import note_save_failure
 from erllama_py.errors import (
+    CHECKSUM_MISMATCH,
     CacheError,
     CacheFormatError,
     InvalidRequestError,
@@ -42,6 +41,7 @@ from erllama_py.errors import (
 from erllama_py.kinds import HitKind, SaveReason, TierKind
 from erllama_py.model.arena import ArenaSlice
 from erllama_py.model.client import WorkerClient
+from erllama_py.model.protocol import GenerateOp, Unpacked
 from erllama_py.model.request import RequestState
 from erllama_py.model.state import ModelState
 from erllama_py.model.statebuf import StateBuffer
@@ -54,9 +54,14 @@ PREFIX_CANDIDATES = 16  # rows looked at for a prefix hit
 PREFIX_ATTEMPTS = 3  # restores tried before going cold (a row may fail to load)
 
 
-def _verified() -> bool:
-    """The check of a payload `load` verified already."""
-    return True
+def _first_op(r: RequestState) -> GenerateOp | None:
+    """The op that samples an exact hit's first token, when the request samples at all."""
+    if r.prefill_only or r.max_tokens == 0 or r.seq is None:
+        return None
+    sampler = r.sampler if r.sampler is not None else r.sampler_spec
+    if sampler is None:
+        return None
+    return GenerateOp(r.seq, sampler, None, r.request.options.logprobs)
 
 
 class Deferred(Exception):
@@ -98,7 +103,8 @@ class PromptCache:
         info = self.cache.lookup_key(key)
         if info is None or not self._allowed(info):
             return False
-        if not self._restore(r, key, len(r.prompt)):
+        then = _first_op(r)
+        if not self._restore(r, key, len(r.prompt), then=then):
             return False
         self._warm(r, HitKind.EXACT, len(r.prompt))
         self.cache.count("hits_exact")
@@ -209,8 +215,12 @@ class PromptCache:
         *,
         cut: int | None = None,
         must_equal: bytes | None = None,
+        then: GenerateOp | None = None,
     ) -> bool:
-        """Claim, load, unpack into `r`'s sequence, check in; cut back to `cut` tokens."""
+        """Claim, load, unpack into `r`'s sequence, check in; cut back to `cut` tokens.
+
+        With `then`, the worker samples the first token in the same call once the
+        state is verified (it goes to ``r.first``)."""
         assert r.seq is not None
         claim = self.cache.claim(key)
         if claim is None:
@@ -227,21 +237,17 @@ class PromptCache:
                 must_equal is not None and claim.tokens != must_equal
             ):
                 return False
-            buffer, owned, size, verify = self._payload(claim)
+            buffer, owned, size, checksum = self._payload(claim)
             if buffer is None:
                 return False
-            verdicts: list[bool] = []
-
-            def check() -> bool:
-                verdicts.append(verify())
-                return verdicts[-1]
-
             try:
-                # The checksum runs here while the worker restores; nothing is sampled
-                # from the sequence before both are done, and a mismatch clears it.
-                restored, verified = self.client.unpack(r.seq, buffer, size, check)
+                # An unverified payload is checked in the worker while it restores;
+                # nothing is sampled from the sequence before that, and a mismatch clears it.
+                unpacked = self.client.unpack(r.seq, buffer, size, checksum=checksum, then=then)
             except CacheFormatError as exc:
-                if all(verdicts):  # a corrupt payload was dropped as such already
+                if exc.reason == CHECKSUM_MISMATCH:
+                    self.cache.reject(claim)
+                else:
                     log.warning("row %s does not restore (%s); dropping it", key.hex(), exc.reason)
                     self.cache.drop(claim, exc.reason)
                 return False
@@ -249,14 +255,18 @@ class PromptCache:
                 log.info("row %s not restored: %s", key.hex(), exc)
                 self.client.clear_seq(r.seq)
                 return False
-            if not verified:
-                self.client.clear_seq(r.seq)
+            if not unpacked.verified:
+                self.cache.reject(claim)
                 return False
+            restored = unpacked.n_tokens
             if restored != claim.n_tokens or (
                 cut is not None and not self.client.truncate(r.seq, cut)
             ):
+                self._forget_first(unpacked)
                 self.client.clear_seq(r.seq)
                 return False
+            if then is not None and unpacked.first is not None:
+                r.first = (then, unpacked.first)
             if owned is not None and claim.kind is not TierKind.RAM and self.cache.promotes_on_hit:
                 self.cache.promote(claim, owned, owns_payload=True)
                 owned = None
@@ -268,30 +278,29 @@ class PromptCache:
 
     def _payload(
         self, claim: Claim
-    ) -> tuple[
-        StateBuffer | ArenaSlice | None, StateBuffer | ArenaSlice | None, int, Callable[[], bool]
-    ]:
+    ) -> tuple[StateBuffer | ArenaSlice | None, StateBuffer | ArenaSlice | None, int, int | None]:
         """The shared buffer to hand to the worker, the one we own (to give back, close
-        or promote), the payload's size, and the check to run before sampling from it."""
+        or promote), the payload's size, and the checksum the worker must verify before
+        anything is sampled from it (None: verified on loading already)."""
         if claim.kind is TierKind.RAM:
             stored = self.cache.ram_payload(claim)
             if isinstance(stored, ArenaSlice | StateBuffer) and not stored.closed:
-                view = self.cache.load_ram_unverified(claim)  # no copy
-                if view is None:
-                    return None, None, 0, _verified
-                return stored, None, view.nbytes, functools.partial(self.cache.verify, claim, view)
+                size = self.cache.load_ram_unverified(claim)  # no copy
+                if size is None:
+                    return None, None, 0, None
+                return stored, None, size, claim.checksum
             view = self.cache.load(claim)  # verifies the checksum; no copy
             if view is None:
-                return None, None, 0, _verified
+                return None, None, 0, None
             # A row saved through the cache API (bytes, not a shared buffer): one copy.
             try:
                 copy = self.shared.arena.allocate(view.nbytes)
             except OSError as exc:  # no room to hand it over: serve this request cold
                 log.info("row %s not restored: %s", claim.key.hex(), exc)
-                return None, None, 0, _verified
+                return None, None, 0, None
             copy.view()[:] = view
             self.cache.count_load(0, copied=view.nbytes)
-            return copy, copy, view.nbytes, _verified
+            return copy, copy, view.nbytes, None
         promote = self.cache.promotes_on_hit
         holder: list[StateBuffer | ArenaSlice] = []
 
@@ -310,10 +319,15 @@ class PromptCache:
         if loaded is None:
             for buffer in holder:
                 self._give_back(buffer)
-            return None, None, 0, _verified
+            return None, None, 0, None
         size = loaded.nbytes
         del loaded
-        return holder[0], holder[0], size, _verified
+        return holder[0], holder[0], size, None
+
+    def _forget_first(self, unpacked: Unpacked) -> None:
+        """Free the sampler the worker created for a first token that is not used."""
+        if unpacked.first is not None and unpacked.first.sampler is not None:
+            self.client.free_sampler(unpacked.first.sampler)
 
     def _give_back(self, buffer: StateBuffer | ArenaSlice) -> None:
         if isinstance(buffer, ArenaSlice):

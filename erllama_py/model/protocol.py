@@ -73,6 +73,7 @@ __all__ = [
     "Tokenize",
     "Truncate",
     "Unpack",
+    "Unpacked",
     "WorkerSpec",
     "raise_remote",
 ]
@@ -232,13 +233,33 @@ class SlotRefused:
 
 
 @dataclass(frozen=True)
-class Unpack(Command[int]):
+class Unpacked:
+    """What an `Unpack` did: the tokens restored, whether the payload had its checksum
+    (False: the sequence was cleared and nothing sampled), and the token `then` sampled."""
+
+    n_tokens: int
+    verified: bool = True
+    first: TokenOut | None = None
+
+
+@dataclass(frozen=True)
+class Unpack(Command[Unpacked]):
     """Restore a sequence from an arena slot (`slot`), or from the standalone buffer whose
-    descriptor follows this frame (`slot` None); the reply is the tokens restored."""
+    descriptor follows this frame (`slot` None).
+
+    With `checksum` (the payload's xxh3-64, for a row not verified yet) the worker
+    hashes the payload while llama.cpp restores from it, and clears the sequence if
+    they differ. With `then` (a `GenerateOp` on `seq` with nothing pending) it samples
+    the first token from the restored logits in the same call, once the state is
+    verified: an exact hit costs one round trip to its first token, and no token is
+    ever sampled from a state whose bytes were not checked.
+    """
 
     seq: int
     size: int
     slot: SlotRef | None = None
+    checksum: int | None = None
+    then: GenerateOp | None = None
 
 
 @dataclass(frozen=True)

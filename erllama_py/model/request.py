@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 from erllama_py.errors import ErllamaError
 from erllama_py.kinds import FinishReason, HitKind, SaveReason
-from erllama_py.model.protocol import SamplerSpec
+from erllama_py.model.protocol import GenerateOp, SamplerSpec, TokenOut
 from erllama_py.model.textstream import TextStream
 from erllama_py.params import ChatMessage, RequestOptions, Tool
 from erllama_py.results import Completion, Delta, Done, TokenLogprob
@@ -173,6 +173,9 @@ class RequestState:
     logprobs: list[TokenLogprob] | None = None  # one per generated token, when asked for
     # The last sampled token: generated, but in KV only once the next tick decodes it.
     pending: int | None = None
+    # The first token of an exact hit, sampled by the worker with the restore (see
+    # protocol.Unpack) and applied on admission as a step's result would be.
+    first: tuple[GenerateOp, TokenOut] | None = None
     text: TextStream = field(init=False)
     last_save_at: int = 0
     hit: HitKind = HitKind.COLD

@@ -14,8 +14,11 @@ import contextlib
 import errno
 import os
 import sys
+from concurrent.futures import Future, ThreadPoolExecutor
 
-from erllama_py.errors import CacheFormatError, ErllamaError, ModelLoadError
+import xxhash
+
+from erllama_py.errors import CHECKSUM_MISMATCH, CacheFormatError, ErllamaError, ModelLoadError
 from erllama_py.model.arena import SlotRef
 from erllama_py.model.backend import Backend, Generate, Prefill
 from erllama_py.model.mapcache import MappingCache
@@ -46,6 +49,7 @@ from erllama_py.model.protocol import (
     TokenOut,
     Truncate,
     Unpack,
+    Unpacked,
     WorkerSpec,
 )
 from erllama_py.model.statebuf import PackTarget, StateBuffer
@@ -105,6 +109,7 @@ class _Server:
         self.mappings = MappingCache()
         # The runtime's arena segments this worker was sent, by id (a few; see arena.py).
         self.segments: dict[int, StateBuffer] = {}
+        self._hasher: ThreadPoolExecutor | None = None  # checksums beside a restore
 
     def serve(self) -> None:
         while True:
@@ -191,9 +196,9 @@ class _Server:
                 return None
             case Pack(seq, canonical):
                 return b.pack_into(seq, self._slot, canonical=canonical)
-            case Unpack(seq):
+            case Unpack():
                 assert buffer is not None
-                return b.unpack(seq, buffer)
+                return self._unpack(command, buffer)
             case Truncate(seq, n):
                 return b.truncate(seq, n)
             case ClearSeq(seq):
@@ -214,6 +219,32 @@ class _Server:
                     b.clear_seq(seq)
                 return None
         raise TypeError(f"unknown worker command {command!r}")
+
+    def _unpack(self, command: Unpack, buffer: StateBuffer | memoryview) -> Unpacked:
+        """Restore, checking the payload's checksum meanwhile in another thread (both
+        release the GIL); sample `then` only from a verified state."""
+        check: Future[int] | None = None
+        if command.checksum is not None:
+            if self._hasher is None:
+                self._hasher = ThreadPoolExecutor(1, thread_name_prefix="checksum")
+            check = self._hasher.submit(_checksum, buffer, command.size)
+        try:
+            n = self.backend.unpack(command.seq, buffer)
+        except CacheFormatError:
+            if check is not None and _result(check) != command.checksum:
+                raise CacheFormatError(CHECKSUM_MISMATCH, "the payload's bytes changed") from None
+            raise
+        except BaseException:
+            if check is not None:
+                _result(check)  # the buffer is released after this returns
+            raise
+        verified = check is None or _result(check) == command.checksum
+        if not verified:
+            self.backend.clear_seq(command.seq)
+            return Unpacked(n, verified=False)
+        if command.then is None:
+            return Unpacked(n)
+        return Unpacked(n, first=self._step(Step((command.then,)))[0])
 
     def _new_sampler(self, spec: SamplerSpec) -> int:
         sampler = self.backend.new_sampler(spec.params, spec.history)
@@ -250,6 +281,20 @@ class _Server:
                 TokenOut(result.token, result.eog, piece, created.get(i), result.logprob, top)
             )
         return out
+
+
+def _checksum(buffer: StateBuffer | memoryview, size: int) -> int:
+    view = buffer if isinstance(buffer, memoryview) else buffer.view()
+    with view[:size] as payload:
+        return int(xxhash.xxh3_64_intdigest(payload))
+
+
+def _result(check: Future[int]) -> int | None:
+    """The checksum, or None if it could not be computed (the state is not verified)."""
+    try:
+        return check.result()
+    except Exception:
+        return None
 
 
 def _redirect_stderr(spec: WorkerSpec) -> None:

@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 from erllama_py import CacheHit, CounterSnapshot
+from erllama_py.model.client import WorkerClient
 from erllama_py.model.testmodel import DEFAULT_WORDS
 
 TIERS = ("ram", "ram_file", "disk")
@@ -358,6 +359,33 @@ def test_a_save_and_a_restore_copy_the_state_at_most_once(rt, load, tier):
     copies = 0 if tier == "ram" else 1
     assert delta.save_bytes_copied == copies * delta.saved_bytes
     assert delta.load_bytes_copied == copies * delta.loaded_bytes
+
+
+@pytest.mark.parametrize("tier", TIERS)
+def test_an_exact_hit_samples_its_first_token_in_the_restore_call(rt, load, tier, monkeypatch):
+    """One worker round trip to the first token: the worker samples it right after the
+    restore (and the RAM row's checksum) succeed, with what a step would have returned."""
+    m = load(rt, "tiny", f"first-{tier}", tier=tier)
+    prompt = m.tokens("the tree and the dog and the blue sky")
+    cold = m.complete(prompt, max_tokens=1, logprobs=2)
+    rt.cache.wait_idle()
+    commands: list[str] = []
+    call = WorkerClient.call
+
+    def counting(self: WorkerClient, command: Any) -> Any:
+        commands.append(type(command).__name__)
+        return call(self, command)
+
+    monkeypatch.setattr(WorkerClient, "call", counting)
+    hit = m.complete(prompt, max_tokens=1, logprobs=2)
+    assert hit.cache == CacheHit("exact", len(prompt))
+    assert "Step" not in commands
+    assert hit.tokens == cold.tokens
+    assert hit.logprobs == cold.logprobs
+    assert hit.timings.ttft_ms is not None
+    longer = m.complete(prompt, max_tokens=4)
+    assert longer.cache.kind == "exact"
+    assert longer.tokens[:1] == cold.tokens
 
 
 # --------------------------------------------------------------------------- exactness
