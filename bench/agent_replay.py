@@ -38,6 +38,11 @@ and tool definitions, as several sessions of one coding agent do. The per-turn
 figures are then medians over the agents (the cached share: of all their
 prompt tokens). The default, one agent, is the replay above.
 
+After both servers stop, the floor of each turn is measured in this process
+(`bench.turn_floor`): raw llama.cpp prefilling only the turn's uncached tokens
+into a sequence that still holds the rest, then sampling; no server can answer
+faster, so ours / floor and peer / floor say how far each is from it.
+
 The two are called alternately, turn by turn, so that other load on the
 machine hits both alike. Reported per turn: time to first streamed chunk
 (client side, request sent to the first chunk with content), our prompt
@@ -77,6 +82,7 @@ from bench.common import (
     text,
     write_result,
 )
+from bench.turn_floor import turn_floors
 from erllama_py.model.jinja_chat import generic_tool_messages
 
 NAME = "agent_replay"
@@ -409,10 +415,16 @@ def main() -> None:
     ]
     with tempfile.TemporaryDirectory(prefix="erllama-bench-agent-") as tmp:
         replayed, died = replay(args, tools, agents, Path(tmp))
+    print("the floor: raw llama.cpp prefilling each turn's uncached tokens", flush=True)
+    counts = [[(turn[a][1], turn[a][2]) for turn in replayed] for a in range(args.agents)]
+    by_agent = turn_floors(counts, args.n_ctx)
+    floors = [median([f[t] for f in by_agent]) for t in range(len(replayed))]
     rows = per_turn(replayed)
     later = [r for r in rows if r[0] >= 2]
     both = [r for r in later if r[4]["ttft"] == r[4]["ttft"]]  # the peer answered (not NaN)
     ratios = [r[3]["ttft"] / r[4]["ttft"] for r in both] or [NAN]
+    ours_floor = [r[3]["ttft"] / floors[r[0] - 1] for r in later]
+    peer_floor = [r[4]["ttft"] / floors[r[0] - 1] for r in both] or [NAN]
     share = sum(r[2] for r in later) / max(1, sum(r[1] for r in later))
     over = (
         f" Medians over {args.agents} interleaved agents (prompt and cached tokens: totals)."
@@ -433,6 +445,9 @@ def main() -> None:
                 "ours TTFT ms",
                 "peer TTFT ms",
                 "ours / peer",
+                "floor ms",
+                "ours / floor",
+                "peer / floor",
                 "ours wall ms",
                 "peer wall ms",
             ],
@@ -445,6 +460,9 @@ def main() -> None:
                     f"{m['ttft']:.0f}",
                     f"{x['ttft']:.0f}",
                     f"{m['ttft'] / x['ttft']:.3f}",
+                    f"{floors[t - 1]:.0f}",
+                    f"{m['ttft'] / floors[t - 1]:.2f}",
+                    f"{x['ttft'] / floors[t - 1]:.2f}",
                     f"{m['wall']:.0f}",
                     f"{x['wall']:.0f}",
                 )
@@ -455,6 +473,12 @@ def main() -> None:
         f"- turns 2-{args.turns}: TTFT ours / peer, median of the per-turn ratios: "
         f"**{median(ratios):.3f}** (goal <= 0.1; min {min(ratios):.3f}, max {max(ratios):.3f})",
         f"- turns 2-{args.turns}: prompt tokens from our cache: **{share:.1%}** (goal >= 95%)",
+        f"- the floor: raw llama.cpp (a context configured like our worker's, after both "
+        "servers stopped) prefilling only each turn's uncached tokens into a sequence that "
+        "still holds the rest, and sampling: the least any server can take, with no "
+        f"restore at all. Turns 2-{args.turns}, medians: ours / floor "
+        f"**{median(ours_floor):.2f}**, peer / floor **{median(peer_floor):.2f}**; "
+        "ours / peer <= 0.1 needs the peer at 10 times our distance from the floor",
         f"- preamble (system prompt + {len(tools)} tool definitions) and task: "
         f"{rows[0][1] // args.agents} tokens; tools sent to ours as: {args.tools}; "
         f"{os.cpu_count()} CPUs shared with other jobs",

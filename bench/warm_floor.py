@@ -59,14 +59,14 @@ N_SEQ_MAX = 4  # our models' default
 class RawContext:
     """A llama.cpp context driven directly, configured like our worker's."""
 
-    def __init__(self, n_seq_max: int = N_SEQ_MAX) -> None:
+    def __init__(self, n_seq_max: int = N_SEQ_MAX, n_ctx: int = N_CTX) -> None:
         _L.llama_backend_init()
         with quiet():
             self.model = _L.llama_model_load_from_file(
                 os.fsencode(model_path()), _L.llama_model_default_params()
             )
         cp = _L.llama_context_default_params()
-        cp.n_ctx = N_CTX * n_seq_max
+        cp.n_ctx = n_ctx * n_seq_max
         cp.n_batch = N_BATCH
         cp.n_ubatch = N_BATCH
         cp.n_seq_max = n_seq_max
