@@ -241,8 +241,8 @@ def main() -> None:
             [
                 "tokens",
                 "raw set_data",
-                "ours restore_ms (claim, unpack in the worker; checksum beside it)",
-                "ours ttft - restore (admission, sampler, one step)",
+                "ours restore_ms (claim; one worker call: restore, checksum beside, first sample)",
+                "ours ttft - restore (submission, admission, the token applied)",
                 "ours wall - ttft (result back to the caller)",
                 "xxh3-64 of the payload",
                 "a plain copy of it",
