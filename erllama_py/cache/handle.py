@@ -21,7 +21,7 @@ from erllama_py.cache.counters import CounterSnapshot, TierStats
 from erllama_py.cache.index import CacheIndex
 from erllama_py.cache.key import Namespace, TokenInput, encode_tokens, make_key_encoded, prefix_keys
 from erllama_py.cache.meta_client import MetaClient
-from erllama_py.cache.payload import Payload, payload_checksum, payload_view
+from erllama_py.cache.payload import Payload, has_checksum, payload_checksum, payload_view
 from erllama_py.cache.publish import SaveJob, SaveResult, run_save
 from erllama_py.cache.ramstore import RamEntry
 from erllama_py.cache.rows import Claim, PrefixHit, RowInfo
@@ -323,7 +323,7 @@ class CacheHandle:
             self.shared.counters.incr("load_misses")
             return None
         view = entry.view()
-        if claim.checksum is not None and payload_checksum(view) != claim.checksum:
+        if claim.checksum is not None and not has_checksum(view, claim.checksum):
             self.reject(claim)
             return None
         if allocate is None:
@@ -334,18 +334,19 @@ class CacheHandle:
         self.count_load(view.nbytes, copied=view.nbytes)
         return target[: view.nbytes].toreadonly()
 
-    def load_ram_unverified(self, claim: Claim) -> int | None:
-        """The size of a claimed RAM row's payload, handed over without a copy and not
-        yet verified: the worker that restores it checks ``claim.checksum`` before it
-        samples anything from it (while the restore runs), and a mismatch goes to
-        `reject`. None if the row is gone."""
+    def load_ram_unverified(self, claim: Claim) -> memoryview | None:
+        """A claimed RAM row's payload, without a copy and not yet verified: the caller
+        checks it against ``claim.checksum`` (`payload.has_checksum`, while the restore
+        runs) before it samples anything from a state restored from it, and hands a
+        mismatch to `reject`. None if the row is gone."""
         assert claim.kind == "ram"
         entry = self.shared.ram.get(claim.key)
         if entry is None:
             self.shared.counters.incr("load_misses")
             return None
-        self.count_load(entry.size, copied=0)
-        return entry.size
+        view = entry.view()
+        self.count_load(view.nbytes, copied=0)
+        return view
 
     def reject(self, claim: Claim) -> None:
         """A claimed row's payload did not have its checksum: remove it and count it as

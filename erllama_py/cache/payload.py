@@ -13,7 +13,14 @@ from typing import Protocol, runtime_checkable
 
 import xxhash
 
-__all__ = ["Payload", "SharedBuffer", "payload_checksum", "payload_view", "release_payload"]
+__all__ = [
+    "Payload",
+    "SharedBuffer",
+    "has_checksum",
+    "payload_checksum",
+    "payload_view",
+    "release_payload",
+]
 
 
 @runtime_checkable
@@ -42,6 +49,11 @@ def payload_view(payload: Payload) -> memoryview:
 def payload_checksum(payload: Payload) -> int:
     """xxh3-64 of a payload's bytes."""
     return int(xxhash.xxh3_64_intdigest(payload_view(payload)))
+
+
+def has_checksum(payload: Payload, checksum: int) -> bool:
+    """Whether a payload's bytes still have the checksum they were published with."""
+    return payload_checksum(payload) == checksum
 
 
 def release_payload(payload: Payload) -> None:

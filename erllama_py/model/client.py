@@ -15,7 +15,7 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TypeVar, cast
 
@@ -53,6 +53,7 @@ from erllama_py.model.protocol import (
     Truncate,
     Unpack,
     Unpacked,
+    Verdict,
     WorkerSpec,
     raise_remote,
 )
@@ -134,6 +135,14 @@ def _kill(process: ProcessChild) -> None:
 def _timeval(seconds: float) -> bytes:
     whole = int(seconds)
     return struct.pack("ll", whole, int((seconds - whole) * 1_000_000))
+
+
+def _passes(check: Callable[[], bool]) -> bool:
+    try:
+        return bool(check())
+    except Exception:  # a check that cannot run has not passed
+        log.warning("the check of a payload being restored failed", exc_info=True)
+        return False
 
 
 def _set_socket_timeout(sock: socket.socket, option: int, seconds: float) -> None:
@@ -347,12 +356,13 @@ class WorkerClient:
         buffer: StateBuffer | ArenaSlice,
         size: int | None = None,
         *,
-        checksum: int | None = None,
+        check: Callable[[], bool] | None = None,
         then: GenerateOp | None = None,
     ) -> Unpacked:
         """Restore a sequence from the first `size` bytes (default: all) of a shared
-        buffer or an arena slot (see `Unpack`: `checksum` is checked in the worker
-        while it restores, and `then` samples the first token once it is verified).
+        buffer or an arena slot (see `Unpack`). `check` (a checksum of the payload,
+        say) runs in this thread while the worker restores; its verdict goes to the
+        worker, which samples `then` only if it passed (an exception counts as a fail).
 
         Raises:
             WorkerCrashedError: the worker died.
@@ -367,13 +377,15 @@ class WorkerClient:
                 if isinstance(buffer, ArenaSlice):
                     fresh = buffer.segment_id not in self._segments_sent
                     slot = buffer.ref(fd_follows=fresh)
-                    self.process.channel.send(Unpack(seq, n, slot, checksum, then))
+                    self.process.channel.send(Unpack(seq, n, slot, check is not None, then))
                     if fresh:
                         self.process.channel.send_fds(FD_MARK, [buffer.segment_fd])
                         self._segments_sent.add(buffer.segment_id)
                 else:
-                    self.process.channel.send(Unpack(seq, n, None, checksum, then))
+                    self.process.channel.send(Unpack(seq, n, None, check is not None, then))
                     self.process.channel.send_fds(FD_MARK, [buffer.fd])
+                if check is not None:
+                    self.process.channel.send(Verdict(_passes(check)))
                 reply = self._await_reply()
             except BlockingIOError:  # no answer within the deadline (or a send timed out)
                 raise self._kill_hung(deadline_s) from None

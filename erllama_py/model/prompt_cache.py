@@ -20,11 +20,14 @@ exactly as a cold run of the same prompt.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import time
+from collections.abc import Callable
 from concurrent.futures import Future
 
 from erllama_py.cache.key import encode_tokens
+from erllama_py.cache.payload import has_checksum
 from erllama_py.cache.policy import cold_save_split
 from erllama_py.cache.publish import SaveResult
 from erllama_py.cache.rows import Claim, RowInfo
@@ -237,13 +240,13 @@ class PromptCache:
                 must_equal is not None and claim.tokens != must_equal
             ):
                 return False
-            buffer, owned, size, checksum = self._payload(claim)
+            buffer, owned, size, check = self._payload(claim)
             if buffer is None:
                 return False
             try:
-                # An unverified payload is checked in the worker while it restores;
-                # nothing is sampled from the sequence before that, and a mismatch clears it.
-                unpacked = self.client.unpack(r.seq, buffer, size, checksum=checksum, then=then)
+                # An unverified payload's checksum runs here while the worker restores;
+                # the worker samples nothing before its verdict, and a mismatch clears it.
+                unpacked = self.client.unpack(r.seq, buffer, size, check=check, then=then)
             except CacheFormatError as exc:
                 if exc.reason == CHECKSUM_MISMATCH:
                     self.cache.reject(claim)
@@ -278,17 +281,25 @@ class PromptCache:
 
     def _payload(
         self, claim: Claim
-    ) -> tuple[StateBuffer | ArenaSlice | None, StateBuffer | ArenaSlice | None, int, int | None]:
+    ) -> tuple[
+        StateBuffer | ArenaSlice | None,
+        StateBuffer | ArenaSlice | None,
+        int,
+        Callable[[], bool] | None,
+    ]:
         """The shared buffer to hand to the worker, the one we own (to give back, close
-        or promote), the payload's size, and the checksum the worker must verify before
-        anything is sampled from it (None: verified on loading already)."""
+        or promote), the payload's size, and the check that must pass before anything
+        is sampled from it (None: verified on loading already)."""
         if claim.kind is TierKind.RAM:
             stored = self.cache.ram_payload(claim)
             if isinstance(stored, ArenaSlice | StateBuffer) and not stored.closed:
-                size = self.cache.load_ram_unverified(claim)  # no copy
-                if size is None:
+                view = self.cache.load_ram_unverified(claim)  # no copy
+                if view is None:
                     return None, None, 0, None
-                return stored, None, size, claim.checksum
+                check = None
+                if claim.checksum is not None:
+                    check = functools.partial(has_checksum, view, claim.checksum)
+                return stored, None, view.nbytes, check
             view = self.cache.load(claim)  # verifies the checksum; no copy
             if view is None:
                 return None, None, 0, None

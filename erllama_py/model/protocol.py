@@ -74,6 +74,7 @@ __all__ = [
     "Truncate",
     "Unpack",
     "Unpacked",
+    "Verdict",
     "WorkerSpec",
     "raise_remote",
 ]
@@ -234,8 +235,9 @@ class SlotRefused:
 
 @dataclass(frozen=True)
 class Unpacked:
-    """What an `Unpack` did: the tokens restored, whether the payload had its checksum
-    (False: the sequence was cleared and nothing sampled), and the token `then` sampled."""
+    """What an `Unpack` did: the tokens restored, whether the runtime's check of the
+    payload passed (False: the sequence was cleared and nothing sampled), and the token
+    `then` sampled."""
 
     n_tokens: int
     verified: bool = True
@@ -247,19 +249,27 @@ class Unpack(Command[Unpacked]):
     """Restore a sequence from an arena slot (`slot`), or from the standalone buffer whose
     descriptor follows this frame (`slot` None).
 
-    With `checksum` (the payload's xxh3-64, for a row not verified yet) the worker
-    hashes the payload while llama.cpp restores from it, and clears the sequence if
-    they differ. With `then` (a `GenerateOp` on `seq` with nothing pending) it samples
-    the first token from the restored logits in the same call, once the state is
-    verified: an exact hit costs one round trip to its first token, and no token is
-    ever sampled from a state whose bytes were not checked.
+    With `verdict_follows` the runtime checks the payload (its checksum) while the
+    worker restores from it, and sends a `Verdict` after the frame (and descriptor);
+    the worker reads it before it answers, whatever happened, and clears the sequence
+    if it says no. With `then` (a `GenerateOp` on `seq` with nothing pending) it
+    samples the first token from the restored logits in the same call, once the
+    verdict is in: an exact hit costs one round trip to its first token, and no token
+    is ever sampled from a state whose bytes were not checked.
     """
 
     seq: int
     size: int
     slot: SlotRef | None = None
-    checksum: int | None = None
+    verdict_follows: bool = False
     then: GenerateOp | None = None
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """The runtime's check of the payload of the `Unpack` before it (``verdict_follows``)."""
+
+    verified: bool
 
 
 @dataclass(frozen=True)

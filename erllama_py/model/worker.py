@@ -14,9 +14,6 @@ import contextlib
 import errno
 import os
 import sys
-from concurrent.futures import Future, ThreadPoolExecutor
-
-import xxhash
 
 from erllama_py.errors import CHECKSUM_MISMATCH, CacheFormatError, ErllamaError, ModelLoadError
 from erllama_py.model.arena import SlotRef
@@ -50,6 +47,7 @@ from erllama_py.model.protocol import (
     Truncate,
     Unpack,
     Unpacked,
+    Verdict,
     WorkerSpec,
 )
 from erllama_py.model.statebuf import PackTarget, StateBuffer
@@ -109,7 +107,7 @@ class _Server:
         self.mappings = MappingCache()
         # The runtime's arena segments this worker was sent, by id (a few; see arena.py).
         self.segments: dict[int, StateBuffer] = {}
-        self._hasher: ThreadPoolExecutor | None = None  # checksums beside a restore
+        self._verdict_due = False  # an Unpack's Verdict frame is still to be read
 
     def serve(self) -> None:
         while True:
@@ -118,20 +116,26 @@ class _Server:
             except (EOFError, OSError):
                 return
             buffer: StateBuffer | memoryview | None = None
+            self._verdict_due = isinstance(command, Unpack) and command.verdict_follows
+            reply: Ok | Failed
             try:
                 if isinstance(command, Unpack):
                     buffer = self._receive_buffer(command)
-                result = self.handle(command, buffer)
+                reply = Ok(self.handle(command, buffer))
             except Exception as exc:  # reported to the caller; the worker keeps serving
-                self.channel.send(_failed(exc))
-                continue
+                reply = _failed(exc)
             finally:
                 if isinstance(buffer, memoryview):
                     with contextlib.suppress(BufferError):  # an export the backend still holds
                         buffer.release()
                 elif buffer is not None and not self.mappings.owns(buffer):
                     buffer.close()
-            self.channel.send(Ok(result))
+            try:
+                if self._verdict_due:  # sent whatever happened here: read it, keep in step
+                    self._take_verdict()
+            except (EOFError, OSError):
+                return
+            self.channel.send(reply)
 
     def _receive_buffer(self, command: Unpack) -> StateBuffer | memoryview:
         if command.slot is not None:
@@ -221,30 +225,28 @@ class _Server:
         raise TypeError(f"unknown worker command {command!r}")
 
     def _unpack(self, command: Unpack, buffer: StateBuffer | memoryview) -> Unpacked:
-        """Restore, checking the payload's checksum meanwhile in another thread (both
-        release the GIL); sample `then` only from a verified state."""
-        check: Future[int] | None = None
-        if command.checksum is not None:
-            if self._hasher is None:
-                self._hasher = ThreadPoolExecutor(1, thread_name_prefix="checksum")
-            check = self._hasher.submit(_checksum, buffer, command.size)
+        """Restore; when the runtime checks the payload meanwhile, wait for its verdict
+        before sampling `then`, and clear the sequence if the check failed."""
         try:
             n = self.backend.unpack(command.seq, buffer)
         except CacheFormatError:
-            if check is not None and _result(check) != command.checksum:
+            if self._verdict_due and not self._take_verdict():
                 raise CacheFormatError(CHECKSUM_MISMATCH, "the payload's bytes changed") from None
             raise
-        except BaseException:
-            if check is not None:
-                _result(check)  # the buffer is released after this returns
-            raise
-        verified = check is None or _result(check) == command.checksum
-        if not verified:
+        if self._verdict_due and not self._take_verdict():
             self.backend.clear_seq(command.seq)
             return Unpacked(n, verified=False)
         if command.then is None:
             return Unpacked(n)
         return Unpacked(n, first=self._step(Step((command.then,)))[0])
+
+    def _take_verdict(self) -> bool:
+        """Read the runtime's `Verdict` on the payload of the current `Unpack`."""
+        self._verdict_due = False
+        verdict = self.channel.recv()
+        if not isinstance(verdict, Verdict):  # out of step with the runtime: be restarted
+            raise SystemExit(f"worker: expected the unpack's verdict, got {verdict!r}")
+        return verdict.verified
 
     def _new_sampler(self, spec: SamplerSpec) -> int:
         sampler = self.backend.new_sampler(spec.params, spec.history)
@@ -281,20 +283,6 @@ class _Server:
                 TokenOut(result.token, result.eog, piece, created.get(i), result.logprob, top)
             )
         return out
-
-
-def _checksum(buffer: StateBuffer | memoryview, size: int) -> int:
-    view = buffer if isinstance(buffer, memoryview) else buffer.view()
-    with view[:size] as payload:
-        return int(xxhash.xxh3_64_intdigest(payload))
-
-
-def _result(check: Future[int]) -> int | None:
-    """The checksum, or None if it could not be computed (the state is not verified)."""
-    try:
-        return check.result()
-    except Exception:
-        return None
 
 
 def _redirect_stderr(spec: WorkerSpec) -> None:

@@ -1,19 +1,19 @@
 """A restore and its first token in one worker call, and never a token from unchecked bytes.
 
-`WorkerClient.unpack` with a checksum has the worker hash the payload while llama.cpp
-restores from it; with `then` it samples the first token in the same call, but only from
-a state whose bytes had their checksum. Run on a real worker process, on the stub and on
-the tiny llama model.
+`WorkerClient.unpack` with a `check` runs it (the payload's checksum) while the worker
+restores and sends the worker its verdict; with `then` the worker samples the first token
+in the same call, but only once the verdict says the bytes are sound. Run on a real
+worker process, on the stub and on the tiny llama model.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-import xxhash
 
+from erllama_py.cache.payload import has_checksum, payload_checksum
 from erllama_py.errors import CHECKSUM_MISMATCH, CacheFormatError
 from erllama_py.model.arena import Arena, ArenaSlice
 from erllama_py.model.backend import Prefill
@@ -53,7 +53,11 @@ def arena() -> Iterator[Arena]:
 def _packed(client: WorkerClient, arena: Arena) -> tuple[ArenaSlice, int]:
     client.step([Prefill(0, PROMPT)])
     slot = client.pack(0, arena)
-    return slot, int(xxhash.xxh3_64_intdigest(slot.view()[: slot.size]))
+    return slot, payload_checksum(slot.view()[: slot.size])
+
+
+def _check(slot: ArenaSlice, checksum: int) -> Callable[[], bool]:
+    return lambda: has_checksum(slot.view()[: slot.size], checksum)
 
 
 def test_a_verified_restore_samples_the_first_token_in_the_same_call(
@@ -63,7 +67,8 @@ def test_a_verified_restore_samples_the_first_token_in_the_same_call(
     (reference,) = client.step([GenerateOp(0, GREEDY)])
     assert reference is not None and reference.sampler is not None
 
-    unpacked = client.unpack(1, slot, slot.size, checksum=checksum, then=GenerateOp(1, GREEDY))
+    then = GenerateOp(1, GREEDY)
+    unpacked = client.unpack(1, slot, slot.size, check=_check(slot, checksum), then=then)
 
     assert unpacked.verified and unpacked.n_tokens == len(PROMPT)
     assert unpacked.first is not None and unpacked.first.token == reference.token
@@ -86,13 +91,29 @@ def test_bytes_without_their_checksum_are_cleared_and_nothing_is_sampled(
     slot, checksum = _packed(client, arena)
     client.step([Prefill(1, PROMPT[:4])])  # what the sequence held before: gone either way
 
-    unpacked = client.unpack(1, slot, slot.size, checksum=checksum ^ 1, then=GenerateOp(1, GREEDY))
+    then = GenerateOp(1, GREEDY)
+    unpacked = client.unpack(1, slot, slot.size, check=_check(slot, checksum ^ 1), then=then)
 
     assert not unpacked.verified
     assert unpacked.first is None  # no token, and no sampler created for one
     assert client.seq_len(1) == 0
     # The payload itself was sound: with its checksum it restores.
-    assert client.unpack(1, slot, slot.size, checksum=checksum).n_tokens == len(PROMPT)
+    assert client.unpack(1, slot, slot.size, check=_check(slot, checksum)).n_tokens == len(PROMPT)
+
+
+def test_a_check_that_raises_counts_as_failed_and_the_worker_stays_in_step(
+    client: WorkerClient, arena: Arena
+) -> None:
+    slot, _checksum = _packed(client, arena)
+
+    def broken() -> bool:
+        raise BufferError("the view went away")
+
+    unpacked = client.unpack(1, slot, slot.size, check=broken, then=GenerateOp(1, GREEDY))
+
+    assert not unpacked.verified and unpacked.first is None
+    assert client.seq_len(1) == 0
+    assert client.seq_len(0) == len(PROMPT)  # the next calls are answered in order
 
 
 def test_a_changed_payload_that_no_longer_parses_is_reported_as_a_checksum_mismatch(
@@ -103,8 +124,9 @@ def test_a_changed_payload_that_no_longer_parses_is_reported_as_a_checksum_misma
     view[0] ^= 0xFF  # the header's magic: the restore itself refuses it
     del view
 
+    then = GenerateOp(1, GREEDY)
     with pytest.raises(CacheFormatError) as refused:
-        client.unpack(1, slot, slot.size, checksum=checksum, then=GenerateOp(1, GREEDY))
+        client.unpack(1, slot, slot.size, check=_check(slot, checksum), then=then)
     assert refused.value.reason == CHECKSUM_MISMATCH
     assert client.seq_len(1) == 0
     with pytest.raises(CacheFormatError) as unchecked:  # without a checksum: the parse error
