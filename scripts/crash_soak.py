@@ -179,6 +179,8 @@ def child(
             corrupt=counters.corrupt_files,
         )
         rng = random.Random(seed)
+        if not final:
+            _emit(event="evicted", rows=evict_some(rt, rng))
         order = list(range(len(prompts))) if final else None
         i = 0
         while order is None or i < len(order):
@@ -214,6 +216,22 @@ def child(
     return 0
 
 
+def evict_some(rt: Any, rng: random.Random) -> int:
+    """Evict part of a random choice of tiers, so that this child saves again (a fixed
+    prompt set is soon all cached, and a runtime that only restores is killed mid-save
+    never). RAM rows evicted are demoted to ``ram_file``, ``ram_file``'s to ``disk``:
+    publishes the kill can land in too. Returns the rows evicted."""
+    sizes: dict[str, int] = {}
+    for row in rt.cache_rows():
+        sizes[row.tier] = sizes.get(row.tier, 0) + row.size
+    evicted = 0
+    for tier, size in sorted(sizes.items()):
+        if rng.random() < 0.5:
+            rows, _freed = rt.cache.evict_bytes(int(size * rng.uniform(0.3, 1.0)), [tier])
+            evicted += rows
+    return evicted
+
+
 def _emit(**fields: Any) -> None:
     sys.stdout.write(json.dumps(fields) + "\n")
     sys.stdout.flush()
@@ -234,6 +252,7 @@ class Tally:
     cold_mismatches: int = 0
     prefix_or_parent_hits: int = 0
     prefix_or_parent_differing: int = 0
+    rows_evicted: int = 0
     temp_files_at_kill: int = 0
     temp_files_left: int = 0
     temp_files_swept: int = 0
@@ -246,6 +265,9 @@ class Tally:
             self.temp_files_left += len(line["temps"])
             self.temp_files_swept += line["swept"]
             self.corrupt_rows_dropped += line["corrupt"]
+            return
+        if line["event"] == "evicted":
+            self.rows_evicted += line["rows"]
             return
         if line["event"] == "final":
             self.final_problems += line["problems"]
