@@ -13,10 +13,10 @@ worker answers `SlotWanted` (the packed size), the runtime grants a slot
 straight into its mapping of that segment, then answers `Ok` (the size). An
 `Unpack` names an arena slot the same way, or announces a standalone buffer
 (`slot` None) whose memfd follows; when the runtime checks the payload while
-the worker restores, its `Verdict` follows as one more frame. A segment's descriptor crosses with
-``SCM_RIGHTS`` right after the frame that first names it to this worker
-(``SlotRef.fd_follows``), so a state of hundreds of megabytes costs neither a
-copy nor, after the first time, a descriptor.
+the worker restores, its `Verdict` follows as one more frame. A segment's
+descriptor crosses with ``SCM_RIGHTS`` right after the frame that first names
+it to this worker (``SlotRef.fd_follows``), so a state of hundreds of
+megabytes costs neither a copy nor, after the first time, a descriptor.
 
 The handshake: a new worker sends `Ready` (its model's `BackendInfo`) or
 `LoadFailed` (why it could not load).
