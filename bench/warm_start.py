@@ -318,9 +318,10 @@ def report(sizes: list[int], acc: Collected, reps: int) -> str:
             hit_kinds = ", ".join(sorted(kinds.get((size, kind), set()))) or "-"
             rrows.append([size, kind, spread(values), hit_kinds])
     out += [
-        "`restore_ms` is the cache lookup, claim, load (checksum) and unpack into the worker;"
-        " the rest of the warm time to first token is admission, the sampler and one step"
-        " that samples from the stored logits.",
+        "`restore_ms` is the cache lookup, claim, load (checksum) and the one worker call"
+        " that unpacks the state and samples the first token from its stored logits; the"
+        " rest of the warm time to first token is submission, admission and the token's"
+        " delivery.",
         "",
         table(["tokens", "tier", "restore ms", "hit kinds seen"], rrows),
         "",
