@@ -492,26 +492,22 @@ class ModelActor(SupervisedActor):
                 r.has_logits = True
                 pos = len(r.context)
                 boundary = self._canonical_boundary(pos)
-                # Sampling the first token does not touch the KV cells: a save at the
-                # prompt's end is packed after it, so it is not on the time to first token.
-                samples = not (r.prefill_only or r.max_tokens == 0)
                 if r.cold_save_at == pos:
                     r.cold_save_at = None
-                    if not r.cursor and samples and not boundary:
-                        r.deferred_save = SaveReason.COLD
-                    else:
-                        self.cache.save(r, SaveReason.COLD, canonical=boundary)
+                    self.cache.save(r, SaveReason.COLD, canonical=boundary)
                 elif boundary:
                     self.cache.canonicalize(r)
                 if r.end_save_at == pos:
                     r.end_save_at = None
-                    if samples:
-                        r.deferred_save = self._end_reason(r)
-                    else:
+                    if r.prefill_only or r.max_tokens == 0:
                         self.cache.save(r, self._end_reason(r))
+                    else:
+                        # Sampling the first token does not touch the KV cells: pack
+                        # after it, so the save is not on the time to first token.
+                        r.deferred_save = self._end_reason(r)
                 if not r.cursor:
                     r.t_prefill_done = time.perf_counter()
-                    if not samples:
+                    if r.prefill_only or r.max_tokens == 0:
                         r.finish_as(FinishReason.LENGTH)
                     elif self.shared.deterministic and r.deferred_save is None:
                         r.deferred_canonicalize = True  # no save, but the state of one

@@ -17,7 +17,6 @@ import pytest
 
 from erllama_py import CacheHit, CounterSnapshot
 from erllama_py.model.client import WorkerClient
-from erllama_py.model.protocol import GenerateOp, Step
 from erllama_py.model.testmodel import DEFAULT_WORDS
 
 TIERS = ("ram", "ram_file", "disk")
@@ -387,38 +386,6 @@ def test_an_exact_hit_samples_its_first_token_in_the_restore_call(rt, load, tier
     longer = m.complete(prompt, max_tokens=4)
     assert longer.cache.kind == "exact"
     assert longer.tokens[:1] == cold.tokens
-
-
-@pytest.mark.parametrize("max_tokens", [1, 3])
-def test_a_cold_prompts_save_is_packed_after_its_first_token(rt, load, monkeypatch, max_tokens):
-    """The cold save at the prompt's end is not on the time to first token: the worker
-    samples the first token before it packs the state, and the row is saved all the same."""
-    m = load(rt, "tiny", f"cold-after-first-{max_tokens}")
-    reference = load(rt, "tiny", f"cold-after-first-ref-{max_tokens}", reference=True)
-    prompt = m.tokens("the warm sun and the cold moon over the red tree")
-    events: list[str] = []
-    call, pack = WorkerClient.call, WorkerClient.pack
-
-    def recording_call(self: WorkerClient, command: Any) -> Any:
-        if isinstance(command, Step) and any(isinstance(op, GenerateOp) for op in command.ops):
-            events.append("sample")
-        return call(self, command)
-
-    def recording_pack(self: WorkerClient, *args: Any, **kwargs: Any) -> Any:
-        events.append("pack")
-        return pack(self, *args, **kwargs)
-
-    monkeypatch.setattr(WorkerClient, "call", recording_call)
-    monkeypatch.setattr(WorkerClient, "pack", recording_pack)
-    cold = m.complete(prompt, max_tokens=max_tokens)
-    monkeypatch.undo()
-    assert cold.cache.kind == "cold"
-    assert events[:2] == ["sample", "pack"]
-    assert [r.n_tokens for r in rows_by_reason(rt, "cold")] == [len(prompt)]
-    assert cold.tokens == reference.complete(prompt, max_tokens=max_tokens).tokens
-    hit = m.complete(prompt, max_tokens=max_tokens)
-    assert hit.cache == CacheHit("exact", len(prompt))
-    assert hit.tokens == cold.tokens
 
 
 # --------------------------------------------------------------------------- exactness
